@@ -1,0 +1,156 @@
+"""Gated attention, registered with the transformers attention-function interface.
+
+transformers routes GPT-2, GPT-NeoX, Llama, Qwen2, OLMo... attention through ``ALL_ATTENTION_FUNCTIONS``;
+``attach_gates`` registers ``gated_attention_forward`` under the name ``"spartan"`` and points the
+model's config at it, so every attention module of the model calls it with its own q, k, v.
+
+The forward, per layer (METHOD.md):
+1. s = q k^T * scaling in fp32, with the model's causal/padding mask (keys a query may not see).
+2. P = softmax(s) over the allowed keys only: the mask never enters the softmax, so P equals the
+   dense model's attention pattern.
+3. Gate logits g = s + b; gates M are sampled (training), 1[g > 0] (inference), or forced (scopes).
+4. A = P * M, no renormalisation: rows may sum to < 1 and a row with every gate shut outputs 0.
+5. y = A v.
+Each module's ``GateState`` (a plain attribute, not a parameter) carries the gate config, any forced
+override, and, when recording, the per-(sequence, head) density term and open-gate counts of the last call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from spartan_cli.config import GateConfig
+from spartan_cli.gates import gate_kind
+
+ATTN_IMPLEMENTATION = "spartan"
+STATE_ATTR = "spartan_gate"
+
+
+@dataclass
+class GateStats:
+    """What one gated forward measured, per sequence and head."""
+
+    density_term: torch.Tensor  # (batch, n_heads) mean sigmoid(g) over allowed pairs, differentiable
+    open_pairs: torch.Tensor  # (batch, n_heads) count of 1[g > 0] over allowed pairs, no grad
+    allowed_pairs: torch.Tensor  # (batch, 1) count of allowed (causal, unpadded) pairs
+
+
+@dataclass
+class GateState:
+    """Per-attention-module gate state. Changed only through the context managers in ``scopes``."""
+
+    cfg: GateConfig
+    layer: int
+    n_heads: int
+    forced: torch.Tensor | None = None  # (n_heads,) or (batch, n_heads, q, k) bool: override of M
+    stochastic: bool = True  # sample gates when the module is training
+    record: bool = False  # store GateStats of each call in ``stats``
+    stats: GateStats | None = None
+    keep_gate_logits: bool = False  # store g (batch, n_heads, q, k) in ``gate_logits`` (density, plots)
+    gate_logits: torch.Tensor | None = None
+    keep_pattern: bool = False  # store P (softmax pattern, before gating) in ``pattern``
+    pattern: torch.Tensor | None = None
+    generator: torch.Generator | None = field(default=None, repr=False)
+
+
+def allowed_mask(attention_mask: torch.Tensor | None, q_len: int, k_len: int, device) -> torch.Tensor:
+    """Boolean (batch or 1, 1, q_len, k_len) mask of the keys each query may attend to."""
+    if attention_mask is None:
+        # Causal, no padding; queries are the last q_len positions of the k_len keys (KV cache).
+        q_pos = torch.arange(k_len - q_len, k_len, device=device)[:, None]
+        k_pos = torch.arange(k_len, device=device)[None, :]
+        return (k_pos <= q_pos)[None, None]  # (1, 1, q_len, k_len)
+    if attention_mask.dtype == torch.bool:
+        return attention_mask[..., :k_len]
+    # additive float mask (eager convention): 0 where allowed, a very negative number where not
+    return attention_mask[..., :k_len] > torch.finfo(attention_mask.dtype).min / 2
+
+
+def gated_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The attention function transformers calls: query (batch, n_heads, q, d_head), key/value
+    (batch, n_kv_heads, k, d_head). Returns (output (batch, q, n_heads, d_head), A (batch, n_heads, q, k))."""
+    state: GateState = getattr(module, STATE_ATTR)
+    n_heads, n_kv = query.shape[1], key.shape[1]
+    if n_kv != n_heads:  # grouped-query attention: gates are per query head
+        key = key.repeat_interleave(n_heads // n_kv, dim=1)
+        value = value.repeat_interleave(n_heads // n_kv, dim=1)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    q_len, k_len = query.shape[2], key.shape[2]
+
+    with torch.autocast(device_type=query.device.type, enabled=False):  # gate maths stays fp32 under autocast
+        scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling  # (batch, n_heads, q, k)
+    allowed = allowed_mask(attention_mask, q_len, k_len, query.device)  # (batch|1, 1, q, k) bool
+    neg = torch.finfo(scores.dtype).min
+    pattern = torch.softmax(scores.masked_fill(~allowed, neg), dim=-1)  # P, (batch, n_heads, q, k)
+
+    kind = gate_kind(state.cfg.kind)
+    g = kind.logits(scores, state.cfg.bias)  # (batch, n_heads, q, k) fp32
+    if state.forced is not None:
+        forced = state.forced
+        if forced.dim() == 1:  # per head
+            forced = forced.view(1, -1, 1, 1)
+        gates = (forced & allowed).to(scores.dtype)
+    elif module.training and state.stochastic:
+        gates = kind.sample(g, generator=state.generator) * allowed
+    else:
+        gates = (kind.deterministic(g) & allowed).to(scores.dtype)
+
+    if state.record:
+        n_allowed = allowed.sum(dim=(-1, -2)).clamp_min(1).to(scores.dtype)  # (batch|1, 1)
+        prob = kind.open_probability(g).masked_fill(~allowed, 0.0)
+        state.stats = GateStats(
+            density_term=prob.sum(dim=(-1, -2)) / n_allowed,  # (batch, n_heads)
+            open_pairs=(kind.deterministic(g.detach()) & allowed).sum(dim=(-1, -2)),
+            allowed_pairs=n_allowed.detach().expand(query.shape[0], 1),  # (batch, 1)
+        )
+    if state.keep_gate_logits:
+        state.gate_logits = g.detach().masked_fill(~allowed, float("-inf"))
+    if state.keep_pattern:
+        state.pattern = pattern.detach()
+
+    weights = (pattern * gates).to(value.dtype)  # A = P * M, no renormalisation
+    if dropout > 0.0 and module.training:
+        weights = torch.nn.functional.dropout(weights, p=dropout, training=True)
+    output = torch.matmul(weights, value)  # (batch, n_heads, q, d_head)
+    return output.transpose(1, 2).contiguous(), weights
+
+
+def register() -> None:
+    """Register the gated attention (and its boolean mask builder) with transformers. Idempotent."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, gated_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+
+def attach_gates(model, cfg: GateConfig | None = None):
+    """Gate every attention module of ``model`` (in place) and return it.
+
+    The gate config is also written into ``model.config.spartan_gate`` so a saved model says how it was gated.
+    """
+    from spartan_cli.models import adapter_for, model_shape
+
+    cfg = cfg or GateConfig()
+    adapter = adapter_for(model)
+    register()
+    n_heads = model_shape(model).n_heads
+    for layer, module in enumerate(adapter.attention_modules(model)):
+        setattr(module, STATE_ATTR, GateState(cfg=cfg, layer=layer, n_heads=n_heads))
+    model.config.spartan_gate = cfg.to_dict()
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    return model
+
+
+def gate_states(model) -> list[GateState]:
+    """The GateState of every layer, in layer order; ModelError if the model is not gated."""
+    from spartan_cli.errors import ModelError
+    from spartan_cli.models import adapter_for
+
+    states = [getattr(m, STATE_ATTR, None) for m in adapter_for(model).attention_modules(model)]
+    if any(s is None for s in states):
+        raise ModelError("the model has no attention gates; load a spartan checkpoint or call attach_gates first")
+    return states

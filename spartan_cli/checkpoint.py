@@ -1,0 +1,193 @@
+"""Checkpoint directories: what a user can read, and what a run needs to resume.
+
+Layout of CKPT/:
+  config.json, model.safetensors   the model (HF save_pretrained, gates need no weights of their own)
+  tokenizer files                  the tokenizer
+  spartan.json                     schema_version, gate/GECO config, base model, target, metrics, versions,
+                                   and a manifest (size of every file) checked on load
+  run_config.yaml                  the resolved run config
+  train_log.jsonl                  one line per logged step (appended by the caller)
+  trainer_state.safetensors/.json  optimizer, RNG and multiplier state for --resume
+Every file is written to a staging folder first and moved in with os.replace; spartan.json goes last,
+so a crash mid-save leaves the previous checkpoint's manifest describing the previous files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+
+from spartan_cli import __version__
+from spartan_cli.errors import CheckpointError
+
+SCHEMA_VERSION = 1
+META = "spartan.json"
+STATE_TENSORS = "trainer_state.safetensors"
+STATE_JSON = "trainer_state.json"
+RUN_CONFIG = "run_config.yaml"
+TRAIN_LOG = "train_log.jsonl"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def versions() -> dict:
+    import torch
+    import transformers
+
+    return {"spartan": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def _flatten_optimizer(opt_state: dict) -> tuple[dict, dict]:
+    tensors, scalars = {}, {}
+    for idx, entry in opt_state.get("state", {}).items():
+        for k, v in entry.items():
+            key = f"opt.{idx}.{k}"
+            if hasattr(v, "shape"):
+                tensors[key] = v.detach().cpu().contiguous()
+            else:
+                scalars[key] = v
+    return tensors, {"param_groups": opt_state.get("param_groups", []), "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
+    state: dict = {}
+    for key, v in tensors.items():
+        if key.startswith("opt."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = v
+    for key, v in meta.get("scalars", {}).items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = v
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save(out_dir, model, tokenizer, *, meta: dict, run_config_yaml: str | None = None, trainer_state=None) -> Path:
+    """Write a checkpoint into ``out_dir`` atomically (see module docstring) and return its path."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out, prefix=".staging-"))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        if run_config_yaml is not None:
+            (staging / RUN_CONFIG).write_text(run_config_yaml)
+        if trainer_state is not None:
+            tensors, opt_meta = _flatten_optimizer(trainer_state.optimizer)
+            for k, v in trainer_state.rng.items():
+                tensors[f"rng.{k}"] = v.cpu()
+            save_file(tensors, str(staging / STATE_TENSORS))
+            state_json = {
+                "step": trainer_state.step, "geco": trainer_state.geco.to_dict(), "tau": trainer_state.tau,
+                "base_ce": trainer_state.base_ce, "step0_density": trainer_state.step0_density,
+                "tokens_seen": trainer_state.tokens_seen, "elapsed_s": trainer_state.elapsed_s,
+                "bad_steps": trainer_state.bad_steps, "optimizer": opt_meta,
+            }
+            (staging / STATE_JSON).write_text(json.dumps(state_json))
+        files = sorted(p.name for p in staging.iterdir() if p.is_file())
+        for name in files:
+            with open(staging / name, "rb") as f:
+                os.fsync(f.fileno())
+        manifest = {name: (staging / name).stat().st_size for name in files}
+        if trainer_state is None:  # a final save: drop a stale resumable state from an earlier interruption
+            for name in (STATE_TENSORS, STATE_JSON):
+                (out / name).unlink(missing_ok=True)
+        for name in files:
+            os.replace(staging / name, out / name)
+        full_meta = {"schema_version": SCHEMA_VERSION, "spartan_version": __version__, "versions": versions(),
+                     **meta, "manifest": manifest}
+        atomic_write_text(out / META, json.dumps(full_meta, indent=2) + "\n")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def read_meta(ckpt) -> dict:
+    """spartan.json of ``ckpt`` after checking the schema and that every file is whole."""
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        raise CheckpointError(f"checkpoint {str(ckpt)!r} is not a directory; pass the --out folder of a sparsify run")
+    meta_path = ckpt / META
+    if not meta_path.is_file():
+        raise CheckpointError(f"checkpoint {str(ckpt)!r} has no {META}; it is not a spartan checkpoint "
+                              f"(or its run never saved): pass the --out folder of a sparsify run")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{meta_path} is not valid JSON ({exc.msg} at line {exc.lineno}); "
+                              "restore it or re-run sparsify") from None
+    version = meta.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise CheckpointError(f"{meta_path} has schema_version {version!r}; this spartan reads {SCHEMA_VERSION}: "
+                              f"use the spartan version that wrote it ({meta.get('spartan_version', 'unknown')})")
+    for name, size in meta.get("manifest", {}).items():
+        path = ckpt / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint file {str(path)!r} is missing; restore it or re-run sparsify")
+        if path.stat().st_size != size:
+            raise CheckpointError(f"checkpoint file {str(path)!r} has {path.stat().st_size} bytes, expected {size} "
+                                  "(truncated or edited); restore it or re-run sparsify")
+    return meta
+
+
+def load(ckpt, *, device=None, dtype=None):
+    """Load a checkpoint -> (gated model in eval mode, tokenizer)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from spartan_cli.attention import attach_gates
+    from spartan_cli.config import GateConfig
+
+    meta = read_meta(ckpt)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype or torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    except Exception as exc:  # safetensors/transformers raise many kinds on corrupt files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint {str(ckpt)!r} could not be loaded ({first}); restore it or re-run sparsify") from None
+    attach_gates(model, GateConfig.from_dict(meta["gate"]))
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def load_trainer_state(ckpt):
+    """The resumable TrainerState saved in ``ckpt``, or CheckpointError naming what is missing."""
+    from safetensors.torch import load_file
+
+    from spartan_cli.geco import GecoState
+    from spartan_cli.train import TrainerState
+
+    ckpt = Path(ckpt)
+    read_meta(ckpt)
+    if not (ckpt / STATE_JSON).is_file() or not (ckpt / STATE_TENSORS).is_file():
+        raise CheckpointError(f"checkpoint {str(ckpt)!r} has no resumable trainer state (the run finished, or "
+                              "never reached a checkpoint); start a new run with --overwrite")
+    meta = json.loads((ckpt / STATE_JSON).read_text())
+    tensors = load_file(str(ckpt / STATE_TENSORS))
+    rng = {k[4:]: v for k, v in tensors.items() if k.startswith("rng.")}
+    return TrainerState(
+        step=meta["step"], geco=GecoState.from_dict(meta["geco"]), tau=meta["tau"], base_ce=meta["base_ce"],
+        step0_density=meta["step0_density"], optimizer=_unflatten_optimizer(tensors, meta["optimizer"]),
+        rng=rng, tokens_seen=meta["tokens_seen"], elapsed_s=meta["elapsed_s"], bad_steps=meta["bad_steps"],
+    )

@@ -1,0 +1,173 @@
+"""Frozen configuration dataclasses, one per concern, composed into one run config.
+
+Every config has a strict ``from_dict`` (unknown keys are rejected with the valid ones named) and a
+``to_dict``; validation lives in ``__post_init__`` and names the field and the bad value. Precedence
+(defaults < config file < flags) is decided in the CLI by where a value came from, never by truthiness.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from spartan_cli.errors import ConfigError
+
+
+def strict_from_dict(cls, data: Mapping[str, Any] | None, *, where: str = ""):
+    """Build dataclass ``cls`` from ``data``; unknown keys raise ConfigError naming the valid ones."""
+    data = dict(data or {})
+    valid = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - valid)
+    if unknown:
+        prefix = f"{where}: " if where else ""
+        raise ConfigError(
+            f"{prefix}unknown key(s) {', '.join(map(repr, unknown))}; valid keys are {', '.join(sorted(valid))}"
+        )
+    return cls(**data)
+
+
+def _positive(name: str, value, *, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{name} must be {bound}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """How attention gates are computed (METHOD.md, 'Gated attention')."""
+
+    kind: str = "paper"  # registered gate kind (gates.GATE_KINDS)
+    bias: float = 2.0  # b in g_ij = q_i.k_j / sqrt(d_head) + b; fixed, not learned
+
+    def __post_init__(self):
+        from spartan_cli.gates import GATE_KINDS
+
+        if self.kind not in GATE_KINDS:
+            raise ConfigError(f"gate kind {self.kind!r} is unknown; choose one of {', '.join(sorted(GATE_KINDS))}")
+
+    to_dict = dataclasses.asdict
+
+    @classmethod
+    def from_dict(cls, d):
+        return strict_from_dict(cls, d, where="gate")
+
+
+@dataclass(frozen=True)
+class GecoConfig:
+    """The GECO multiplier on the sparsity term: loss = CE + beta * R (METHOD.md)."""
+
+    beta_init: float = 1e-3  # beta at step 0 (sparsity pressure starts near zero)
+    beta_min: float = 1e-6  # floor: beta pinned here while CE > target means the target looks infeasible
+    beta_max: float = 1e4  # ceiling, so beta cannot run away
+    rate: float = 0.05  # alpha: log-space ascent step per unit of relative constraint (CE - tau) / scale
+    max_log_step: float = 0.05  # clamp on |delta log beta| per step, so sparsity never moves abruptly
+    smoothing: float = 0.99  # m in c_ma = m * c_ma + (1 - m) * (CE - tau)
+    warmup_steps: int = 50  # beta is held at beta_init this long while the model adapts to sampled gates
+    scale: float | None = None  # divides CE - tau; None: max(tau, 0.05) nats
+
+    def __post_init__(self):
+        _positive("geco.beta_init", self.beta_init)
+        _positive("geco.beta_min", self.beta_min)
+        _positive("geco.rate", self.rate, allow_zero=True)
+        _positive("geco.max_log_step", self.max_log_step)
+        _positive("geco.warmup_steps", self.warmup_steps, allow_zero=True)
+        if not self.beta_min <= self.beta_init <= self.beta_max:
+            raise ConfigError(
+                f"geco.beta_init must lie in [beta_min, beta_max] = [{self.beta_min}, {self.beta_max}], "
+                f"got {self.beta_init}"
+            )
+        if not 0.0 <= self.smoothing < 1.0:
+            raise ConfigError(f"geco.smoothing must be in [0, 1), got {self.smoothing!r}")
+        if self.scale is not None:
+            _positive("geco.scale", self.scale)
+
+    to_dict = dataclasses.asdict
+
+    @classmethod
+    def from_dict(cls, d):
+        return strict_from_dict(cls, d, where="geco")
+
+
+TRAINABLE = ("all", "attention")  # which weights train: everything, or the attention projections only
+SCHEDULES = ("constant", "cosine", "linear")
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation loop around the Lagrangian."""
+
+    steps: int = 1000
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-4
+    schedule: str = "cosine"  # constant | cosine | linear (decay after warm-up)
+    lr_warmup_steps: int = 50
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    tolerance: float = 0.0  # nats added to the measured base loss to make the target tau
+    trainable: str = "all"
+    seed: int = 0
+    device: str = "auto"  # auto: cuda if present, else cpu
+    dtype: str = "auto"  # auto: bf16 on cuda, fp32 on cpu; gate maths is always fp32
+    log_every: int = 10
+    eval_every: int = 200  # held-out deterministic CE/density every this many steps (0: only at the end)
+    eval_batches: int = 8  # held-out batches per periodic evaluation
+    checkpoint_every: int = 500  # resumable checkpoint every this many steps (0: only at the end)
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum", "log_every"):
+            _positive(f"train.{name}", getattr(self, name))
+        _positive("train.lr", self.lr)
+        for name in ("lr_warmup_steps", "weight_decay", "grad_clip", "tolerance", "eval_every", "checkpoint_every"):
+            _positive(f"train.{name}", getattr(self, name), allow_zero=True)
+        _positive("train.eval_batches", self.eval_batches)
+        for name, allowed in (("schedule", SCHEDULES), ("trainable", TRAINABLE), ("dtype", DTYPES)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"train.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+
+    to_dict = dataclasses.asdict
+
+    @classmethod
+    def from_dict(cls, d):
+        return strict_from_dict(cls, d, where="train")
+
+
+def to_jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {k: to_jsonable(v) for k, v in dataclasses.asdict(obj).items()}
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    return obj
+
+
+def read_config_file(path: str | Path) -> dict:
+    """Read a YAML or JSON run config -> dict (sections: model, data, gate, geco, train, out)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing YAML or JSON file")
+    text = path.read_text()
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:  # parse errors of either format
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML/JSON: {exc}".splitlines()[0]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+

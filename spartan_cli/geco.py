@@ -1,0 +1,59 @@
+"""The GECO multiplier: a pure update rule on scalars.
+
+Objective (METHOD.md): minimise expected attention edges subject to CE <= tau. Practical form from the
+predecessor paper (SPARTAN, arXiv 2411.06890; GECO, Rezende & Viola 2018):
+1. loss = CE + beta * R, R the mean gate-open probability (beta = 1 / lambda, the inverse multiplier).
+2. c_ma <- m * c_ma + (1 - m) * (CE - tau)                    (smoothed constraint, nats)
+3. log beta <- log beta - alpha * c_ma / scale, the step clamped to +-max_log_step and log beta to
+   [log beta_min, log beta_max]; scale = max(tau, 0.05) nats unless set. beta grows while the
+   constraint holds and falls when it is violated. Plain log-space ascent, never through Adam.
+4. During warm-up beta stays at beta_init (sampled gates first raise CE above tau; letting beta collapse
+   then is the trap METHOD.md describes), while c_ma is tracked so it is warm when updates start.
+5. beta pinned at beta_min while c_ma > 0 means the target looks infeasible: reported, not diverged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from spartan_cli.config import GecoConfig
+
+
+@dataclass(frozen=True)
+class GecoState:
+    beta: float
+    c_ma: float = 0.0  # smoothed CE - tau, nats
+    steps: int = 0  # updates seen
+    floor_steps: int = 0  # consecutive updates with beta at its floor and the constraint violated
+
+    @classmethod
+    def initial(cls, cfg: GecoConfig) -> "GecoState":
+        return cls(beta=cfg.beta_init)
+
+    @property
+    def infeasible(self) -> bool:
+        return self.floor_steps >= 100
+
+    def to_dict(self) -> dict:
+        return {"beta": self.beta, "c_ma": self.c_ma, "steps": self.steps, "floor_steps": self.floor_steps}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GecoState":
+        return cls(**{k: d[k] for k in ("beta", "c_ma", "steps", "floor_steps")})
+
+
+def geco_update(state: GecoState, ce: float, tau: float, cfg: GecoConfig) -> GecoState:
+    """One multiplier update from this step's CE (nats) against the target tau (nats)."""
+    m = cfg.smoothing
+    c_ma = (ce - tau) if state.steps == 0 else m * state.c_ma + (1.0 - m) * (ce - tau)
+    steps = state.steps + 1
+    if steps <= cfg.warmup_steps:
+        return replace(state, c_ma=c_ma, steps=steps)
+    scale = cfg.scale if cfg.scale is not None else max(tau, 0.05)
+    step = -cfg.rate * c_ma / scale
+    step = max(-cfg.max_log_step, min(cfg.max_log_step, step))
+    log_beta = min(math.log(cfg.beta_max), max(math.log(cfg.beta_min), math.log(state.beta) + step))
+    beta = math.exp(log_beta)
+    at_floor = beta <= cfg.beta_min * (1 + 1e-9) and c_ma > 0
+    return GecoState(beta=beta, c_ma=c_ma, steps=steps, floor_steps=state.floor_steps + 1 if at_floor else 0)

@@ -1,0 +1,301 @@
+"""The GECO trainer: post-train a gated model to sparse attention at constant loss.
+
+1. Measure the target: tau = CE of the model with every gate open (= the dense base model) on the
+   held-out blocks, plus the user's tolerance; also the step-0 deterministic density.
+2. Each step: sampled gates (straight-through), loss = CE + beta * R with R the mean gate-open
+   probability over layers, heads, sequences and allowed pairs; AdamW on the chosen weights.
+3. After each step the multiplier follows geco.geco_update from the step's CE (plain log-space ascent).
+4. Periodically: held-out CE and density with deterministic gates; a resumable TrainerState is handed to
+   ``on_checkpoint``. ``should_stop`` (e.g. a signal) ends the run after a complete step, with a state.
+The trainer touches no files: the caller persists states and logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from spartan_cli.attention import gate_states
+from spartan_cli.blocks import Splits
+from spartan_cli.config import GateConfig, GecoConfig, TrainConfig
+from spartan_cli.errors import SpartanError
+from spartan_cli.geco import GecoState, geco_update
+from spartan_cli.measure import measure
+from spartan_cli.scopes import gates_open, no_dropout, recording
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SparsifyConfig:
+    gate: GateConfig = field(default_factory=GateConfig)
+    geco: GecoConfig = field(default_factory=GecoConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One logged step, also one line of train_log.jsonl."""
+
+    step: int
+    ce: float  # training CE (sampled gates), nats
+    tau: float  # target, nats
+    beta: float
+    c_ma: float
+    reg: float  # R, mean gate-open probability
+    density: float  # deterministic density on this step's training batch
+    lr: float
+    tokens_per_s: float
+    elapsed_s: float
+    eta_s: float
+    heldout_ce: float | None = None  # deterministic gates, when evaluated this step
+    heldout_density: float | None = None
+    skipped: bool = False  # non-finite loss: the update was skipped
+
+
+@dataclass
+class TrainerState:
+    """Everything needed to resume bit-for-bit: weights live in the model, the rest is here."""
+
+    step: int
+    geco: GecoState
+    tau: float
+    base_ce: float
+    step0_density: float
+    optimizer: dict
+    rng: dict  # torch / cuda / gate-noise generator states
+    tokens_seen: int = 0
+    elapsed_s: float = 0.0
+    bad_steps: int = 0
+
+
+@dataclass(frozen=True)
+class SparsifyResult:
+    steps: int
+    base_ce: float
+    tau: float
+    step0_density: float
+    heldout_ce: float
+    density: float
+    beta: float
+    infeasible: bool
+    interrupted: bool
+    tokens_per_s: float
+    elapsed_s: float
+    density_per_head: list  # (n_layers, n_heads) nested list
+
+
+class NonFiniteLoss(SpartanError):
+    pass
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise SpartanError(f"device {name!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SpartanError(f"device {name!r} asked for but CUDA is not available; use --device cpu or auto")
+    return dev
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def trainable_parameters(model, which: str):
+    from spartan_cli.models import adapter_for
+
+    if which == "all":
+        names = {n for n, _ in model.named_parameters()}
+    else:
+        names = set(adapter_for(model).attention_param_names(model))
+    params = []
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in names)
+        if n in names:
+            params.append(p)
+    return params
+
+
+def _lr_factor(step: int, cfg: TrainConfig) -> float:
+    if cfg.lr_warmup_steps and step < cfg.lr_warmup_steps:
+        return (step + 1) / cfg.lr_warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = (step - cfg.lr_warmup_steps) / max(1, cfg.steps - cfg.lr_warmup_steps)
+    progress = min(max(progress, 0.0), 1.0)
+    if cfg.schedule == "linear":
+        return 1.0 - 0.9 * progress
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine to 10% of the peak
+
+
+def _micro_batch(n_blocks: int, batch_size: int, index: int, seed: int) -> torch.Tensor:
+    """Row indices of global micro-batch ``index``: epochs of seeded permutations, so resume is exact."""
+    per_epoch = max(1, n_blocks // batch_size)
+    epoch, k = divmod(index, per_epoch)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n_blocks, generator=g)
+    if n_blocks < batch_size:
+        return perm.repeat(math.ceil(batch_size / n_blocks))[:batch_size]
+    return perm[k * batch_size:(k + 1) * batch_size]
+
+
+def _rng_state(gen: torch.Generator) -> dict:
+    state = {"torch": torch.get_rng_state(), "gate": gen.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(gen: torch.Generator, state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    gen.set_state(state["gate"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def sparsify(
+    model,
+    data: Splits,
+    cfg: SparsifyConfig,
+    *,
+    on_step: Callable[[StepRecord], None] | None = None,
+    on_checkpoint: Callable[[TrainerState], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    resume: TrainerState | None = None,
+) -> tuple[SparsifyResult, TrainerState]:
+    """Post-train the gated ``model`` (in place) on ``data``; returns the result and the final state."""
+    tc, gc = cfg.train, cfg.geco
+    device = next(model.parameters()).device
+    amp_dtype = resolve_dtype(tc.dtype, device)
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype != torch.float32 else None
+    states = gate_states(model)
+    gen = torch.Generator(device=device).manual_seed(tc.seed)
+    for s in states:
+        s.generator = gen
+    eval_bs = max(tc.batch_size, 8)
+
+    if resume is None:
+        torch.manual_seed(tc.seed)
+        with gates_open(model):
+            base = measure(model, data.heldout, batch_size=eval_bs)
+        step0 = measure(model, data.heldout, batch_size=eval_bs)
+        state = TrainerState(step=0, geco=GecoState.initial(gc), tau=base.ce + tc.tolerance, base_ce=base.ce,
+                             step0_density=step0.density, optimizer={}, rng={})
+        log.info("target tau=%.4f (base %.4f + tolerance %.4f); step-0 density %.4f",
+                 state.tau, base.ce, tc.tolerance, step0.density)
+    else:
+        state = resume
+
+    params = trainable_parameters(model, tc.trainable)
+    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.95))
+    if resume is not None:
+        opt.load_state_dict(resume.optimizer)
+        _set_rng_state(gen, resume.rng)
+
+    n_train = len(data.train)
+    tokens_per_step = tc.batch_size * tc.grad_accum * data.train.seq_len
+    t_start = time.perf_counter() - state.elapsed_s
+    interrupted = False
+    geco = state.geco
+
+    def snapshot() -> TrainerState:
+        state.geco = geco
+        state.optimizer = opt.state_dict()
+        state.rng = _rng_state(gen)
+        state.elapsed_s = time.perf_counter() - t_start
+        return state
+
+    model.train()
+    with no_dropout(model), recording(model):
+        while state.step < tc.steps:
+            if should_stop is not None and should_stop():
+                interrupted = True
+                break
+            step = state.step
+            for group in opt.param_groups:
+                group["lr"] = tc.lr * _lr_factor(step, tc)
+            ce_sum, reg_sum, open_sum, allowed_sum = 0.0, 0.0, 0, 0
+            finite = True
+            for a in range(tc.grad_accum):
+                rows = _micro_batch(n_train, tc.batch_size, step * tc.grad_accum + a, tc.seed)
+                ids = data.train.input_ids[rows].to(device)
+                labels = data.train.labels[rows].to(device)
+                with autocast() if autocast else nullcontext():
+                    out = model(input_ids=ids, labels=labels)
+                ce = out.loss.float()  # mean over scored tokens
+                reg = torch.stack([s.stats.density_term.mean() for s in states]).mean()  # R in [0, 1]
+                loss = (ce + geco.beta * reg) / tc.grad_accum
+                if not torch.isfinite(loss):
+                    finite = False
+                    break
+                loss.backward()
+                ce_sum += float(ce.detach())
+                reg_sum += float(reg.detach())
+                open_sum += int(sum(int(s.stats.open_pairs.sum()) for s in states))
+                allowed_sum += int(states[0].stats.allowed_pairs.sum()) * len(states) * states[0].n_heads
+            if finite:
+                if tc.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+                grads_ok = all(p.grad is None or torch.isfinite(p.grad).all() for p in params)
+                finite = grads_ok
+            if finite:
+                opt.step()
+                state.bad_steps = 0
+            else:
+                state.bad_steps += 1
+                log.warning("step %d: non-finite loss or gradient, update skipped", step)
+                if state.bad_steps >= 3:
+                    opt.zero_grad(set_to_none=True)
+                    raise NonFiniteLoss(
+                        f"loss was non-finite for {state.bad_steps} steps in a row at step {step}; "
+                        "lower --lr or use --dtype float32; the last checkpoint is untouched")
+            opt.zero_grad(set_to_none=True)
+            ce_mean = ce_sum / tc.grad_accum
+            if finite:
+                geco = geco_update(geco, ce_mean, state.tau, gc)
+            state.step = step + 1
+            state.tokens_seen += tokens_per_step
+            elapsed = time.perf_counter() - t_start
+            done = state.step >= tc.steps
+            evaluate_now = done or (tc.eval_every and state.step % tc.eval_every == 0)
+            record = None
+            if on_step is not None and (evaluate_now or state.step == 1 or state.step % tc.log_every == 0 or not finite):
+                heldout = None
+                if evaluate_now:
+                    heldout = measure(model, data.heldout, batch_size=eval_bs, max_batches=tc.eval_batches)
+                    model.train()
+                rate = state.tokens_seen / max(elapsed, 1e-9)
+                record = StepRecord(
+                    step=state.step, ce=ce_mean, tau=state.tau, beta=geco.beta, c_ma=geco.c_ma,
+                    reg=reg_sum / tc.grad_accum, density=open_sum / max(allowed_sum, 1),
+                    lr=opt.param_groups[0]["lr"], tokens_per_s=rate, elapsed_s=elapsed,
+                    eta_s=(tc.steps - state.step) * tokens_per_step / max(rate, 1e-9),
+                    heldout_ce=heldout.ce if heldout else None,
+                    heldout_density=heldout.density if heldout else None, skipped=not finite,
+                )
+                on_step(record)
+            if on_checkpoint is not None and tc.checkpoint_every and state.step % tc.checkpoint_every == 0 and not done:
+                on_checkpoint(snapshot())
+    model.eval()
+    final = measure(model, data.heldout, batch_size=eval_bs)
+    snap = snapshot()
+    result = SparsifyResult(
+        steps=state.step, base_ce=state.base_ce, tau=state.tau, step0_density=state.step0_density,
+        heldout_ce=final.ce, density=final.density, beta=geco.beta, infeasible=geco.infeasible,
+        interrupted=interrupted, tokens_per_s=state.tokens_seen / max(snap.elapsed_s, 1e-9),
+        elapsed_s=snap.elapsed_s, density_per_head=final.density_per_head.tolist(),
+    )
+    return result, snap
+
