@@ -1,0 +1,43 @@
+"""Tiny random models built from configs, for fast core tests (no files, no network)."""
+
+from __future__ import annotations
+
+import torch
+
+VOCAB = 61
+
+
+def gpt2(seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=VOCAB, n_positions=64,
+                     bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def neox(seed: int = 0):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = GPTNeoXConfig(num_hidden_layers=2, num_attention_heads=4, hidden_size=32, intermediate_size=64,
+                        vocab_size=VOCAB, max_position_embeddings=64, bos_token_id=0, eos_token_id=0)
+    return GPTNeoXForCausalLM(cfg).eval()
+
+
+def llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
+                      intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=64,
+                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+BUILDERS = {"gpt2": gpt2, "neox": neox, "llama": llama}
+
+# the module whose input is the concatenation of per-head attention outputs, per architecture
+OUT_PROJ = {"gpt2": lambda m, l: m.transformer.h[l].attn.c_proj,
+            "neox": lambda m, l: m.gpt_neox.layers[l].attention.dense,
+            "llama": lambda m, l: m.model.layers[l].self_attn.o_proj}
