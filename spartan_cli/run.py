@@ -67,15 +67,6 @@ def merge(base: dict, override: dict) -> dict:
     return out
 
 
-def preset_for(model: str) -> dict:
-    """Defaults a built-in model brings (below the config file and flags)."""
-    if model == "addition":
-        from spartan_cli.builtin.addition import SPARSIFY_PRESET
-
-        return copy.deepcopy(SPARSIFY_PRESET)
-    return {}
-
-
 @dataclass(frozen=True)
 class RunResult:
     summary: dict  # the JSON summary printed by --json and stored as spartan.json "final"
@@ -105,7 +96,7 @@ def _load_data(cfg: RunConfig, tokenizer, model):
             raise ConfigError("the built-in addition model brings its own data; drop --data")
         from spartan_cli.builtin import addition
 
-        return addition.splits(seed=cfg.train.seed)
+        return addition.splits()  # the fixed split the dense model was trained on
     if not cfg.data or not cfg.data.get("source"):
         raise ConfigError(f"model {cfg.model!r} needs training text: pass --data FILE|DIR|HUB_DATASET")
     from spartan_cli.data import DataConfig, load_blocks

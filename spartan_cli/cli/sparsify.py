@@ -62,7 +62,8 @@ def command(ctx, model, out, config_file, resume, overwrite, trust_remote_code, 
       spartan sparsify gpt2 --data ./text.txt --seq-len 256 --steps 20000 --out runs/gpt2
     """
     from spartan_cli.config import read_config_file
-    from spartan_cli.run import RunConfig, merge, preset_for, run_sparsify
+    from spartan_cli.presets import preset_for
+    from spartan_cli.run import RunConfig, merge, run_sparsify
 
     file_cfg = read_config_file(config_file) if config_file else {}
     model = model or file_cfg.get("model")
