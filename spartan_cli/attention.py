@@ -89,7 +89,7 @@ def gated_attention_forward(module, query, key, value, attention_mask, scaling=N
     kind = gate_kind(state.cfg.kind)
     g = kind.logits(scores, state.cfg.bias)  # (batch, n_heads, q, k) fp32
     if state.forced is not None:
-        forced = state.forced
+        forced = state.forced.to(query.device)
         if forced.dim() == 1:  # per head
             forced = forced.view(1, -1, 1, 1)
         gates = (forced & allowed).to(scores.dtype)
