@@ -17,6 +17,8 @@ from spartan_cli.errors import SpartanError
 # name -> (module, short help); modules are imported only when their command runs or shows help
 COMMANDS = {
     "sparsify": ("spartan_cli.cli.sparsify", "Post-train a model to sparse attention (gated attention + GECO)."),
+    "evaluate": ("spartan_cli.cli.evaluate", "CE, perplexity and task metrics of a checkpoint beside its base model."),
+    "density": ("spartan_cli.cli.density", "Attention density per layer/head, keys read per query, pictures."),
 }
 
 
