@@ -1,0 +1,27 @@
+"""Task circuits: the component graph, edge attribution (EAP, EAP-IG), selection and faithfulness.
+
+A notebook session, three lines per step::
+
+    graph = attribute(model, batches, metric, method="eap-ig-inputs", ig_steps=5)   # scores for every edge
+    curve = sweep(model, graph, batches, metric, selection="greedy")               # F against edge count
+    circuit = select(graph, curve.edges_needed(0.9) or graph.n_real_edges)          # the circuit itself
+
+Modules: ``graph`` (nodes, edges, JSON, networkx), ``anatomy`` (per-architecture block pieces),
+``wiring`` (the model run with every edge a separate wire), ``contrast`` (clean/corrupted batches and
+metrics), ``attribute``, ``select``, ``faithfulness``.
+"""
+
+from spartan_cli.circuit.attribute import METHODS, AttributionStep, attribute
+from spartan_cli.circuit.contrast import Contrast, ContrastBatch, Metric
+from spartan_cli.circuit.faithfulness import (MIB_FRACTIONS, Curve, CurvePoint, Evaluation, evaluate, exact_scores,
+                                              faithfulness, fraction_grid, log_grid, sweep)
+from spartan_cli.circuit.graph import Edge, Graph, Node, edge_count, to_networkx
+from spartan_cli.circuit.select import SELECTIONS, greedy, prune, select, threshold, topn
+from spartan_cli.circuit.wiring import Tap, Wiring, wired
+
+__all__ = [
+    "METHODS", "SELECTIONS", "MIB_FRACTIONS", "AttributionStep", "Contrast", "ContrastBatch", "Curve", "CurvePoint",
+    "Edge", "Evaluation", "Graph", "Metric", "Node", "Tap", "Wiring", "attribute", "edge_count", "evaluate",
+    "exact_scores", "faithfulness", "fraction_grid", "greedy", "log_grid", "prune", "select", "sweep",
+    "threshold", "to_networkx", "topn", "wired",
+]

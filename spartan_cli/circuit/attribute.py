@@ -1,0 +1,151 @@
+"""Edge attribution: EAP (Syed, Rager & Conmy 2023, arXiv 2310.10348) and EAP-IG (Hanna, Pezzelle & Belinkov
+2024, arXiv 2403.17806), on the wired model (CIRCUITS.md §3.2-3.3).
+
+For an edge u -> v the score estimates M(edge patched to corrupted) - M(clean):
+    s(u->v) = mean over examples of sum over positions of (a_u^corr - a_u^clean) . dM/dx_v
+Per chunk of rows (sized so the delta buffer (rows, pos, n_sources, d_model) fits ``max_delta_mb``):
+1. Corrupted forward, no grad: delta[:, :, u] = a_u^corr for every source u.
+2. Clean forward with grad: delta[:, :, u] -= a_u^clean; backward of rows * M; at each destination slot v
+   the gradient g_v (rows, pos, d_model) adds einsum(delta[:, :, :prev(v)], g_v) to scores[:prev(v), v].
+   This is EAP: one corrupted forward, one clean forward and one backward.
+3. EAP-IG-inputs with m steps: the gradient is averaged over inputs e_corr + (k/m)(e_clean - e_corr),
+   k = m, m-1, ..., 1 (the right Riemann sum of the paper's code, ``attribute_mem.py``, so m = 1 is EAP;
+   the current EAP-IG library uses k = 0..m-1). Step k = m is the clean run of step 2.
+4. Scores are divided by the number of examples (and by m). The sign is kept (corrupted - clean);
+   selection ranks |s|.
+``exact`` patches one edge at a time (one clean forward per edge and chunk): ground truth for small models.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+
+from spartan_cli.circuit.contrast import Contrast, Metric, chunks
+from spartan_cli.circuit.graph import Graph
+from spartan_cli.circuit.wiring import Tap, wired
+from spartan_cli.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_DELTA_MB = 512.0
+
+
+@dataclass(frozen=True)
+class AttributionStep:
+    """Progress of an attribution: examples scored so far."""
+
+    method: str
+    examples: int
+
+
+class Record(Tap):
+    """Stores every source output into ``delta`` (rows, pos, n_sources, d_model): the corrupted run."""
+
+    def __init__(self, delta: torch.Tensor):
+        self.delta = delta
+
+    def source(self, start, out):
+        self.delta[:, :, start:start + out.shape[2]] = out
+        return out
+
+
+class _Gradients(Tap):
+    """A run with gradients: optionally subtracts this run's sources from ``delta``, optionally replaces the
+    input, and at every destination adds delta . gradient to ``scores`` during the backward pass."""
+
+    def __init__(self, graph: Graph, delta, scores, *, subtract: bool, input: torch.Tensor | None = None):
+        self.graph, self.delta, self.scores = graph, delta, scores
+        self.subtract, self.input = subtract, input
+
+    def source(self, start, out):
+        if start == 0:  # the input: from here on everything needs a gradient
+            out = (out if self.input is None else self.input[:, :, None]).detach().requires_grad_(True)
+        if self.subtract:
+            self.delta[:, :, start:start + out.shape[2]] -= out.detach()
+        return out
+
+    def destination(self, start, x):
+        prev, n = int(self.graph.n_upstream[start]), x.shape[2]
+
+        def add_scores(grad):  # grad: (rows, pos, n, d_model) = dM/dx for slots start .. start + n - 1
+            self.scores[:prev, start:start + n] += torch.einsum(
+                "btfd,btsd->fs", self.delta[:, :, :prev], grad).float()  # (prev, n)
+
+        x.register_hook(add_scores)
+        return x
+
+
+def _gradient_scores(model, batches, metric, *, graph, ig_steps, max_delta_mb, on_step, method) -> Graph:
+    from spartan_cli.models import model_shape
+
+    param = next(model.parameters())
+    d_model = model_shape(model).d_model
+    scores = torch.zeros(graph.n_forward, graph.n_backward, dtype=torch.float32, device=param.device)
+    examples = 0
+    with wired(model, graph) as wiring:
+        for batch in chunks(batches, n_sources=graph.n_forward, d_model=d_model, max_delta_mb=max_delta_mb,
+                            dtype=param.dtype):
+            rows, pos = batch.clean.shape
+            mask = None if batch.attention_mask is None else batch.attention_mask.to(param.device)
+            delta = torch.zeros(rows, pos, graph.n_forward, d_model, dtype=param.dtype, device=param.device)
+            with torch.no_grad():
+                wiring.run(batch.corrupted.to(param.device), attention_mask=mask, tap=Record(delta))
+            e_corr = delta[:, :, 0].clone()  # (rows, pos, d_model)
+            for k in range(ig_steps, 0, -1):
+                alpha = k / ig_steps
+                if k == ig_steps:  # the clean run: completes delta = a^corr - a^clean
+                    tap = _Gradients(graph, delta, scores, subtract=True)
+                else:  # delta[:, :, 0] = e_corr - e_clean, so this is e_corr + alpha (e_clean - e_corr)
+                    tap = _Gradients(graph, delta, scores, subtract=False, input=e_corr - alpha * delta[:, :, 0])
+                with torch.enable_grad():
+                    logits = wiring.run(batch.clean.to(param.device), attention_mask=mask, tap=tap)
+                    (metric(logits, batch) * (rows / ig_steps)).backward()
+            examples += rows
+            if on_step is not None:
+                on_step(AttributionStep(method, examples))
+    if examples == 0:
+        raise ConfigError("attribution got no examples; pass at least one non-empty batch")
+    return graph.with_scores(scores.cpu() / examples, method=method, ig_steps=ig_steps, n_examples=examples)
+
+
+def _eap(model, batches, metric, *, graph, ig_steps, max_delta_mb, on_step):
+    return _gradient_scores(model, batches, metric, graph=graph, ig_steps=1, max_delta_mb=max_delta_mb,
+                            on_step=on_step, method="eap")
+
+
+def _eap_ig(model, batches, metric, *, graph, ig_steps, max_delta_mb, on_step):
+    return _gradient_scores(model, batches, metric, graph=graph, ig_steps=ig_steps, max_delta_mb=max_delta_mb,
+                            on_step=on_step, method="eap-ig-inputs")
+
+
+def _exact(model, batches, metric, *, graph, ig_steps, max_delta_mb, on_step):
+    from spartan_cli.circuit.faithfulness import exact_scores
+
+    return exact_scores(model, graph, batches, metric, max_delta_mb=max_delta_mb)
+
+
+METHODS: dict[str, Callable] = {"eap": _eap, "eap-ig-inputs": _eap_ig, "exact": _exact}
+
+
+def attribute(model, batches: Iterable[Contrast], metric: Metric, *, method: str = "eap-ig-inputs",
+              ig_steps: int = 5, graph: Graph | None = None, max_delta_mb: float = DEFAULT_MAX_DELTA_MB,
+              on_step: Callable[[AttributionStep], None] | None = None) -> Graph:
+    """Score every edge of ``graph`` (default: the model's full graph) -> the graph with ``scores`` set.
+
+    ``batches``: ContrastBatch-like (clean, corrupted, attention_mask; right-padded). ``metric(logits, batch)``
+    returns the batch mean. ``method``: one of ``METHODS``; ``ig_steps`` is used by ``eap-ig-inputs`` only.
+    The circuit (``in_graph``) of the returned graph is unchanged; select one with ``select``.
+    """
+    if method not in METHODS:
+        raise ConfigError(f"attribution method {method!r} is unknown; choose one of {', '.join(sorted(METHODS))}")
+    if ig_steps < 1:
+        raise ConfigError(f"ig_steps must be >= 1, got {ig_steps!r}")
+    if max_delta_mb <= 0:
+        raise ConfigError(f"max_delta_mb must be > 0, got {max_delta_mb!r}")
+    graph = graph or Graph.from_model(model)
+    return METHODS[method](model, batches, metric, graph=graph, ig_steps=ig_steps, max_delta_mb=max_delta_mb,
+                           on_step=on_step)
