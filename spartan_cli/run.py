@@ -36,6 +36,10 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     trust_remote_code: bool = False
 
+    def __post_init__(self):
+        if self.model == "addition" and self.data:
+            raise ConfigError("the built-in addition model brings its own data; drop --data")
+
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
         d = dict(d)
@@ -92,8 +96,6 @@ def _load_data(cfg: RunConfig, tokenizer, model):
     from spartan_cli.models import model_shape
 
     if cfg.model == "addition":
-        if cfg.data:
-            raise ConfigError("the built-in addition model brings its own data; drop --data")
         from spartan_cli.builtin import addition
 
         return addition.splits()  # the fixed split the dense model was trained on

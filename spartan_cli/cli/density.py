@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from spartan_cli.cli.evaluate import StageProgress, command_line
+from spartan_cli.cli.evaluate import StageProgress, command_line, quiet_loading
 
 GRAPH_MAX_TOKENS = 64  # the Figure-1 graph is drawn for prompts up to this long
 
@@ -47,6 +47,7 @@ def command(ckpt, data, seq_len, text_field, prompt, baseline, no_baseline, out,
 
     if plot and out is None:
         raise ConfigError("--plot writes PNG files: pass --out DIR to say where")
+    quiet_loading()
     cfg = DensityConfig(model=ckpt, data=data, seq_len=seq_len, text_field=text_field, prompt=prompt, baseline=baseline,
                         compare_base=not no_baseline, batch_size=batch_size, max_batches=max_batches,
                         gate_bias=gate_bias, device=device, trust_remote_code=trust_remote_code)

@@ -54,6 +54,13 @@ class StageProgress:
             print(f"{rec.stage}{suffix}", file=sys.stderr, flush=True)
 
 
+def quiet_loading() -> None:
+    """transformers' per-load weight bars add nothing to our own "loading ..." line; keep stderr to one line per stage."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def command_line() -> str:
     return " ".join(["spartan"] + sys.argv[1:])
 
@@ -88,6 +95,7 @@ def command(model, data, seq_len, text_field, task, baseline, no_baseline, out, 
     from spartan_cli.evaluate import EvaluateConfig, evaluate_run
     from spartan_cli.report import make_report, write_report
 
+    quiet_loading()
     cfg = EvaluateConfig(model=model, data=data, seq_len=seq_len, text_field=text_field, task=task, baseline=baseline,
                          compare_base=not no_baseline, batch_size=batch_size, max_batches=max_batches, device=device,
                          trust_remote_code=trust_remote_code)

@@ -66,6 +66,11 @@ def command(ctx, model, out, config_file, resume, overwrite, trust_remote_code, 
     from spartan_cli.run import RunConfig, merge, run_sparsify
 
     file_cfg = read_config_file(config_file) if config_file else {}
+    if resume and out is not None:  # the saved run's settings come back below the config file and flags
+        from pathlib import Path
+
+        saved = Path(out) / "run_config.yaml"
+        file_cfg = merge(read_config_file(saved), file_cfg) if saved.is_file() else file_cfg
     model = model or file_cfg.get("model")
     merged = merge(preset_for(model) if model else {}, file_cfg)
     apply_flags(ctx, merged, FLAGS)
