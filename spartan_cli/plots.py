@@ -111,9 +111,7 @@ def _panel(ax, weights, tokens, *, title: str, gates=None):
 def _cmap():
     import matplotlib
 
-    cmap = matplotlib.colormaps["Blues"].copy()
-    cmap.set_bad("0.85")  # grey: pairs a query may not see
-    return cmap
+    return matplotlib.colormaps["Blues"].with_extremes(bad="0.85")  # grey: pairs a query may not see
 
 
 def attention_patterns(prompt, out_dir, *, prefix: str = "attention_layer") -> list[Path]:
@@ -143,6 +141,9 @@ def attention_patterns(prompt, out_dir, *, prefix: str = "attention_layer") -> l
 def attention_graph(prompt, path, *, min_weight: float = 0.05) -> Path:
     """Figure-1-style graph: per layer, lines key -> query with alpha = weight (>= ``min_weight``),
     coloured by head; the dense base on the left, the sparse model on the right."""
+    from matplotlib.collections import LineCollection
+    from matplotlib.colors import to_rgba
+
     weights = prompt.weights.numpy()  # (n_layers, n_heads, pos, pos)
     panels = [("sparse (open gates)", weights)]
     if prompt.base_pattern is not None:
@@ -152,12 +153,15 @@ def attention_graph(prompt, path, *, min_weight: float = 0.05) -> Path:
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     labels = _labels(prompt.tokens)
     for ax, (title, w) in zip(axes, panels):
+        segments, colours = [], []
         for layer in range(n_layers):
             for head in range(n_heads):
+                rgba = to_rgba(HEAD_COLOURS[head % len(HEAD_COLOURS)])
                 q, k = (w[layer, head] >= min_weight).nonzero()
                 for qi, ki in zip(q, k):
-                    ax.plot([ki, qi], [layer, layer + 1], color=HEAD_COLOURS[head % len(HEAD_COLOURS)],
-                            alpha=float(min(1.0, w[layer, head, qi, ki])), linewidth=1.2)
+                    segments.append([(ki, layer), (qi, layer + 1)])
+                    colours.append((*rgba[:3], float(min(1.0, w[layer, head, qi, ki]))))  # alpha = weight
+        ax.add_collection(LineCollection(segments, colors=colours, linewidths=1.2))
         for level in range(n_layers + 1):
             ax.scatter(range(pos), [level] * pos, s=10, c="black", zorder=3)
         ax.set_xticks(range(pos))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -10,7 +11,12 @@ from spartan_cli.tasks import task_names
 
 
 class StageProgress:
-    """Renders evaluate.Progress records on stderr: a bar per stage on a terminal, a line per stage otherwise."""
+    """Renders evaluate.Progress records on stderr.
+
+    On a terminal: a transient rich bar per stage (a spinner for one-off steps such as loading), cleared
+    at the end so an error stays the only line. Elsewhere (logs, CI): a plain line per tenth of each
+    batched stage; one-off steps print nothing.
+    """
 
     def __init__(self, *, quiet: bool = False):
         from rich.console import Console
@@ -24,9 +30,9 @@ class StageProgress:
 
     def __enter__(self):
         if self.live:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeRemainingColumn
 
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
+            self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                                      TextColumn("{task.completed}/{task.total}"), TimeRemainingColumn(),
                                      console=self.console, transient=True)
             self.progress.__enter__()
@@ -43,15 +49,14 @@ class StageProgress:
         new = rec.stage != self.stage
         self.stage = rec.stage
         if self.progress is not None:
-            if rec.total is None:
-                self.progress.console.print(f"[dim]{rec.stage}[/dim]")
-            elif new:
+            if new:
+                if self.task is not None:
+                    self.progress.remove_task(self.task)
                 self.task = self.progress.add_task(rec.stage, total=rec.total, completed=rec.done)
             else:
                 self.progress.update(self.task, completed=rec.done)
-        elif rec.total is None or rec.done == rec.total:
-            suffix = "" if rec.total is None else f": {rec.done}/{rec.total} batches"
-            print(f"{rec.stage}{suffix}", file=sys.stderr, flush=True)
+        elif rec.total is not None and (rec.done == rec.total or rec.done % max(1, rec.total // 10) == 0):
+            print(f"{rec.stage}: {rec.done}/{rec.total} batches", file=sys.stderr, flush=True)
 
 
 def quiet_loading() -> None:
@@ -124,8 +129,8 @@ def _print_table(result) -> None:
     table = Table(title="spartan evaluate")
     table.add_column("metric")
     for s in rows:
-        kind = "sparse, deterministic gates" if s.gated else "dense"
-        table.add_column(f"{s.name}\n({kind})", justify="right")
+        kind = "sparse (deterministic gates)" if s.gated else "dense"
+        table.add_column(f"{kind}\n{Path(s.name).name or s.name}", justify="right")
     table.add_row("cross-entropy (nats/token)", *[_fmt(s.ce, ".4f") for s in rows])
     table.add_row("perplexity", *[_fmt(s.perplexity, ".3f") for s in rows])
     table.add_row("density", *[_fmt(s.density, ".2%") for s in rows])
