@@ -314,6 +314,12 @@ class DensityConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "DensityConfig":
+        from spartan_cli.config import strict_from_dict
+
+        return strict_from_dict(cls, d, where="density")
+
 
 @dataclass(frozen=True)
 class DensityRun:

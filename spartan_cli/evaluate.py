@@ -158,6 +158,12 @@ class EvaluateConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "EvaluateConfig":
+        from spartan_cli.config import strict_from_dict
+
+        return strict_from_dict(cls, d, where="evaluate")
+
 
 # ------------------------------------------------------------------------------------------ loading
 def load_subject(name: str, *, device=None, trust_remote_code: bool = False) -> Subject:
@@ -273,9 +279,10 @@ def is_gated(model) -> bool:
     return getattr(model.config, "_attn_implementation", None) == ATTN_IMPLEMENTATION
 
 
-def score(model, blocks=None, *, name: str = "model", task=None, tokenizer=None, batch_size: int = 8,
+def score(model, blocks=None, *, name: str = "model", task=None, task_data=None, batch_size: int = 8,
           max_batches: int | None = None, on_progress: Callable[[Progress], None] | None = None) -> Scores:
-    """CE (and density, if gated) of ``model`` on ``blocks`` (batch, pos), plus ``task``'s metrics.
+    """CE (and density, if gated) of ``model`` on ``blocks`` (batch, pos), plus ``task``'s metrics on
+    ``task_data`` (``task.build(tokenizer)``).
 
     Batches are measured one at a time (no grad, eval mode, deterministic gates) and combined
     token-weighted, so memory is one batch's activations.
@@ -307,7 +314,7 @@ def score(model, blocks=None, *, name: str = "model", task=None, tokenizer=None,
     if task is not None:
         if on_progress is not None:
             on_progress(Progress(f"task {task.name} on {name}", 0, None))
-        result = task.evaluate(model, tokenizer)
+        result = task.score(model, task_data)
     return Scores(name=name, gated=gated, ce=ce, tokens=tokens, sequences=sequences, density=density, task=result)
 
 
@@ -332,8 +339,9 @@ def evaluate_run(cfg: EvaluateConfig, *, on_progress: Callable[[Progress], None]
     say(Progress(f"loading {cfg.model}", 0, None))
     subject = load_subject(cfg.model, device=device, trust_remote_code=cfg.trust_remote_code)
     task = task or default_task(subject.builtin)
-    if task is not None:
-        task.build(subject.tokenizer)  # a tokenizer that cannot express the task fails before any scoring
+    # built once, with the subject's tokenizer (the base must tokenise identically, load_base checks);
+    # a tokenizer that cannot express the task fails here, before any scoring
+    task_data = task.build(subject.tokenizer) if task is not None else None
     base_name = base_model_name(subject, cfg.baseline) if cfg.compare_base else None
     max_tokens = None
     if cfg.max_batches is not None and cfg.data is not None:  # read no more text than the batches will use
@@ -344,16 +352,17 @@ def evaluate_run(cfg: EvaluateConfig, *, on_progress: Callable[[Progress], None]
         raise ConfigError(f"nothing to evaluate {cfg.model!r} on: it stores no data config; pass --data FILE "
                           "and/or --task T")
     blocks = data.blocks if data is not None else None
-    kwargs = dict(task=task, batch_size=cfg.batch_size, max_batches=cfg.max_batches, on_progress=on_progress)
-    model_scores = score(subject.model, blocks, name=cfg.model, tokenizer=subject.tokenizer, **kwargs)
+    kwargs = dict(task=task, task_data=task_data, batch_size=cfg.batch_size, max_batches=cfg.max_batches,
+                  on_progress=on_progress)
+    model_scores = score(subject.model, blocks, name=cfg.model, **kwargs)
 
     base_scores = None
     if base_name is not None:
         subject = replace(subject, model=None)
         gc.collect()  # one model in memory at a time
         say(Progress(f"loading base model {base_name}", 0, None))
-        base, base_tok = load_base(base_name, subject, device=device, trust_remote_code=cfg.trust_remote_code)
-        base_scores = score(base, blocks, name=base_name, tokenizer=base_tok, **kwargs)
+        base, _ = load_base(base_name, subject, device=device, trust_remote_code=cfg.trust_remote_code)
+        base_scores = score(base, blocks, name=base_name, **kwargs)
     resolved = {**cfg.to_dict(), "task": None if task is None else task.name, "baseline": base_name,
                 "device": str(device)}
     return EvaluateRun(EvalResult(model=model_scores, base=base_scores, data=None if data is None else data.to_dict()),

@@ -38,7 +38,7 @@ def command(ckpt, data, seq_len, text_field, prompt, baseline, no_baseline, out,
 
     \b
     Examples:
-      spartan density runs/addition --prompt "53+21=00074" --plot --out runs/addition/density
+      spartan density runs/addition --prompt "53+21=00074" --plot --out runs/addition-density
       spartan density runs/gpt2 --json | jq .overall.density
     """
     from spartan_cli.density import DensityConfig, density_run
