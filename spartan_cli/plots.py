@@ -74,7 +74,8 @@ def density_by_position(result, path, *, title: str = "density by query position
         ax.plot(pos, row, color="tab:blue", alpha=0.25, linewidth=0.8)
     ax.set_xlabel("query position")
     ax.set_ylabel("open / allowed keys", color="tab:blue")
-    ax.set_ylim(0, 1.02)
+    top = max([max(d["density"], default=0.0)] + [max(row, default=0.0) for row in d["per_layer_density"]])
+    ax.set_ylim(0, min(1.02, max(top * 1.1, 1e-3)))  # a sparse model's curve would hug 0 on a 0..1 axis
     ax2 = ax.twinx()
     ax2.plot(pos, d["mean_keys_per_query"], color="tab:orange", label="mean keys read")
     ax2.set_ylabel("keys read per query", color="tab:orange")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import click
 
@@ -130,7 +129,8 @@ def _print_table(result) -> None:
     table.add_column("metric")
     for s in rows:
         kind = "sparse (deterministic gates)" if s.gated else "dense"
-        table.add_column(f"{kind}\n{Path(s.name).name or s.name}", justify="right")
+        name = s.name if len(s.name) <= 32 else "\u2026" + s.name[-31:]
+        table.add_column(f"{kind}\n{name}", justify="right")
     table.add_row("cross-entropy (nats/token)", *[_fmt(s.ce, ".4f") for s in rows])
     table.add_row("perplexity", *[_fmt(s.perplexity, ".3f") for s in rows])
     table.add_row("density", *[_fmt(s.density, ".2%") for s in rows])

@@ -14,6 +14,9 @@ from spartan_cli.errors import TaskError
 from spartan_cli.tasks import Task, TaskData, TaskMetric, TaskResult
 
 
+SUBSETS = {"heldout_pairs": "exact match on the held-out problems, never seen by the dense model"}
+
+
 class AdditionTask(Task):
     name = "addition"
     summary = "two-digit addition of the built-in model: exact-match accuracy (all 10,000 and held-out problems)"
@@ -39,7 +42,7 @@ class AdditionTask(Task):
                               "exact match of all five answer digits, every problem", unit="fraction")]
         for subset, rows in data.subsets.items():
             metrics.append(TaskMetric(f"accuracy_{subset}", addition.exact_match(model, pairs[rows], batch_size=batch_size),
-                                      len(rows), f"exact match on the {subset.replace('_', ' ')}", unit="fraction"))
+                                      len(rows), SUBSETS.get(subset, f"exact match on {subset}"), unit="fraction"))
         return TaskResult(task=self.name, metrics=tuple(metrics))
 
 
