@@ -55,8 +55,8 @@ def test_attribution_ranks_edges_like_exact_patching(method):
     2-layer GPT-2 (110 edges). Measured: EAP 0.986, EAP-IG(5) 0.985."""
     model = BUILDERS["gpt2"]()
     data = [_contrast()]
-    scores = attribute(model, data, logit_difference, method=method)
-    exact = attribute(model, data, logit_difference, method="exact")  # one patched run per edge
+    scores = attribute(model, data, metric=logit_difference, method=method)
+    exact = attribute(model, data, metric=logit_difference, method="exact")  # one patched run per edge
     real = exact.real
     assert real.sum() == 110
     assert _spearman(scores.scores[real], exact.scores[real]) >= 0.9
@@ -68,10 +68,10 @@ def test_eap_is_the_derivative_of_edge_patching(arch):
     into that edge alone (central difference, float64). This checks every gradient path, GQA included."""
     model = BUILDERS[arch]().double()
     batch = _contrast(rows=4)
-    graph = attribute(model, [batch], logit_difference, method="eap")
+    graph = attribute(model, [batch], metric=logit_difference, method="eap")
     eps = 3e-2  # Llama's RMSNorm computes in float32: a small eps would drown in its rounding
     with torch.no_grad(), wired(model, graph) as wiring:
-        corrupted = torch.zeros(4, 8, graph.n_forward, model.config.hidden_size, dtype=torch.float64)
+        corrupted = torch.zeros(graph.n_forward, 4, 8, model.config.hidden_size, dtype=torch.float64)
         wiring.run(batch.corrupted, tap=Record(corrupted))
         for edge in graph.top_edges(6, in_graph_only=False):
             f, b = graph.edge_index(edge.name)
@@ -91,7 +91,7 @@ def test_full_circuit_is_clean_and_empty_circuit_is_corrupted(arch):
     batch = _contrast()
     graph = Graph.from_model(model)
     empty = graph.with_circuit(torch.zeros_like(graph.real))
-    result = evaluate(model, graph, [graph, empty], [batch], logit_difference)
+    result = evaluate(model, [batch], metric=logit_difference, circuits=[graph, empty])
     with torch.no_grad():
         clean = float(logit_difference(model(batch.clean).logits, batch))
         corrupted = float(logit_difference(model(batch.corrupted).logits, batch))
@@ -107,12 +107,12 @@ def test_full_circuit_is_clean_and_empty_circuit_is_corrupted(arch):
 def test_gated_model_uses_deterministic_gates_and_restores_training_mode():
     model = attach_gates(BUILDERS["gpt2"](), GateConfig(bias=0.0)).train()  # training mode samples gates
     batch = _contrast()
-    first = attribute(model, [batch], logit_difference, method="eap")
-    second = attribute(model, [batch], logit_difference, method="eap")
+    first = attribute(model, [batch], metric=logit_difference, method="eap")
+    second = attribute(model, [batch], metric=logit_difference, method="eap")
     assert torch.equal(first.scores, second.scores)  # no sampling noise
     assert model.training  # restored
     graph = Graph.from_model(model)
-    result = evaluate(model, graph, [graph], [batch], logit_difference)
+    result = evaluate(model, [batch], metric=logit_difference, circuits=[graph])
     model.eval()
     with torch.no_grad():
         clean = float(logit_difference(model(batch.clean).logits, batch))  # eval = deterministic gates
@@ -122,10 +122,10 @@ def test_gated_model_uses_deterministic_gates_and_restores_training_mode():
 def test_chunking_and_ig_steps_do_not_change_the_maths():
     model = BUILDERS["llama"]()
     batches = [_contrast(rows=6, seed=0), _contrast(rows=3, seed=1)]
-    whole = attribute(model, batches, logit_difference, method="eap")
-    tiny = attribute(model, batches, logit_difference, method="eap", max_delta_mb=1e-6)  # one row per chunk
+    whole = attribute(model, batches, metric=logit_difference, method="eap")
+    tiny = attribute(model, batches, metric=logit_difference, method="eap", max_delta_mb=1e-6)  # one row per chunk
     assert torch.allclose(whole.scores, tiny.scores, atol=1e-6)
-    one_step = attribute(model, batches, logit_difference, method="eap-ig-inputs", ig_steps=1)
+    one_step = attribute(model, batches, metric=logit_difference, method="eap-ig-inputs", ig_steps=1)
     assert torch.allclose(whole.scores, one_step.scores, atol=1e-7)
     assert whole.meta["n_examples"] == 9
 
@@ -133,8 +133,8 @@ def test_chunking_and_ig_steps_do_not_change_the_maths():
 def test_sweep_finds_a_faithful_circuit():
     model = BUILDERS["gpt2"]()
     data = [_contrast()]
-    graph = attribute(model, data, logit_difference, method="eap-ig-inputs")
-    curve = sweep(model, graph, data, logit_difference, sizes=[0, 5, 20, 60, graph.n_real_edges])
+    graph = attribute(model, data, metric=logit_difference, method="eap-ig-inputs")
+    curve = sweep(model, data, metric=logit_difference, graph=graph, sizes=[0, 5, 20, 60, graph.n_real_edges])
     assert curve.points[0].edges == 0 and curve.points[0].faithfulness == pytest.approx(0.0, abs=1e-3)
     assert curve.points[-1].edges == 110 and curve.points[-1].faithfulness == pytest.approx(1.0, abs=1e-3)
     needed = curve.edges_needed(0.9)
@@ -149,6 +149,7 @@ def test_curve_reading_uses_the_running_maximum_and_mib_areas():
                 [(1, 1, 0.2), (2, 2, 0.95), (5, 4, 0.7), (10, 8, 0.92), (100, 100, 1.0)])
     curve = Curve(pts, clean=1.0, corrupted=0.0, total_edges=100, selection="topn")
     assert curve.edges_needed(0.9) == 2  # F dips after 2 edges, but 2 edges already reached it
+    assert curve.point_for(0.9).requested == 2 and curve.point_for(0.96).edges == 100
     assert curve.edges_needed(0.99) == 100
     assert curve.edges_needed(1.5) is None
     flat = Curve(tuple(CurvePoint(n, n, 0, 0.0, 1.0) for n in (10, 100)), 1.0, 0.0, 100, "topn")

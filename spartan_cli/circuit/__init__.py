@@ -2,9 +2,9 @@
 
 A notebook session, three lines per step::
 
-    graph = attribute(model, batches, metric, method="eap-ig-inputs", ig_steps=5)   # scores for every edge
-    curve = sweep(model, graph, batches, metric, selection="greedy")               # F against edge count
-    circuit = select(graph, curve.edges_needed(0.9) or graph.n_real_edges)          # the circuit itself
+    scored = attribute(model, batches, metric=logit_diff, method="eap-ig-inputs", ig_steps=5)  # every edge
+    curve = sweep(model, batches, metric=logit_diff, graph=scored, selection="greedy")  # F against edges
+    circuit = select(scored, curve.point_for(0.9).requested, how="greedy")  # the smallest circuit with F >= 0.9
 
 Modules: ``graph`` (nodes, edges, JSON, networkx), ``anatomy`` (per-architecture block pieces),
 ``wiring`` (the model run with every edge a separate wire), ``contrast`` (clean/corrupted batches and

@@ -3,10 +3,10 @@
 
 For an edge u -> v the score estimates M(edge patched to corrupted) - M(clean):
     s(u->v) = mean over examples of sum over positions of (a_u^corr - a_u^clean) . dM/dx_v
-Per chunk of rows (sized so the delta buffer (rows, pos, n_sources, d_model) fits ``max_delta_mb``):
-1. Corrupted forward, no grad: delta[:, :, u] = a_u^corr for every source u.
-2. Clean forward with grad: delta[:, :, u] -= a_u^clean; backward of rows * M; at each destination slot v
-   the gradient g_v (rows, pos, d_model) adds einsum(delta[:, :, :prev(v)], g_v) to scores[:prev(v), v].
+Per chunk of rows (sized so the delta buffer (n_sources, rows, pos, d_model) fits ``max_delta_mb``):
+1. Corrupted forward, no grad: delta[u] = a_u^corr for every source u.
+2. Clean forward with grad: delta[u] -= a_u^clean; backward of rows * M; at each destination slot v the
+   gradient g_v (rows, pos, d_model) adds delta[:prev(v)] . g_v (over rows, pos, d_model) to scores[:prev(v), v].
    This is EAP: one corrupted forward, one clean forward and one backward.
 3. EAP-IG-inputs with m steps: the gradient is averaged over inputs e_corr + (k/m)(e_clean - e_corr),
    k = m, m-1, ..., 1 (the right Riemann sum of the paper's code, ``attribute_mem.py``, so m = 1 is EAP;
@@ -18,7 +18,6 @@ Per chunk of rows (sized so the delta buffer (rows, pos, n_sources, d_model) fit
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -28,8 +27,6 @@ from spartan_cli.circuit.contrast import Contrast, Metric, chunks
 from spartan_cli.circuit.graph import Graph
 from spartan_cli.circuit.wiring import Tap, wired
 from spartan_cli.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 DEFAULT_MAX_DELTA_MB = 512.0
 
@@ -43,13 +40,16 @@ class AttributionStep:
 
 
 class Record(Tap):
-    """Stores every source output into ``delta`` (rows, pos, n_sources, d_model): the corrupted run."""
+    """Stores every source output into ``delta`` (n_sources, rows, pos, d_model): the corrupted run.
+
+    Sources lead the buffer so that ``delta[:prev]`` is contiguous: the score and patch products then
+    read it in place instead of copying it for every destination."""
 
     def __init__(self, delta: torch.Tensor):
         self.delta = delta
 
     def source(self, start, out):
-        self.delta[:, :, start:start + out.shape[2]] = out
+        self.delta[start:start + out.shape[2]] = out.permute(2, 0, 1, 3)
         return out
 
 
@@ -65,21 +65,21 @@ class _Gradients(Tap):
         if start == 0:  # the input: from here on everything needs a gradient
             out = (out if self.input is None else self.input[:, :, None]).detach().requires_grad_(True)
         if self.subtract:
-            self.delta[:, :, start:start + out.shape[2]] -= out.detach()
+            self.delta[start:start + out.shape[2]] -= out.detach().permute(2, 0, 1, 3)
         return out
 
     def destination(self, start, x):
         prev, n = int(self.graph.n_upstream[start]), x.shape[2]
 
         def add_scores(grad):  # grad: (rows, pos, n, d_model) = dM/dx for slots start .. start + n - 1
-            self.scores[:prev, start:start + n] += torch.einsum(
-                "btfd,btsd->fs", self.delta[:, :, :prev], grad).float()  # (prev, n)
+            g = grad.permute(2, 0, 1, 3).reshape(n, -1)  # (n, rows * pos * d_model)
+            self.scores[:prev, start:start + n] += (self.delta[:prev].reshape(prev, -1) @ g.T).float()  # (prev, n)
 
         x.register_hook(add_scores)
         return x
 
 
-def _gradient_scores(model, batches, metric, *, graph, ig_steps, max_delta_mb, on_step, method) -> Graph:
+def _gradient_scores(model, batches, *, metric, graph, ig_steps, max_delta_mb, on_step, method) -> Graph:
     from spartan_cli.models import model_shape
 
     param = next(model.parameters())
@@ -91,16 +91,16 @@ def _gradient_scores(model, batches, metric, *, graph, ig_steps, max_delta_mb, o
                             dtype=param.dtype):
             rows, pos = batch.clean.shape
             mask = None if batch.attention_mask is None else batch.attention_mask.to(param.device)
-            delta = torch.zeros(rows, pos, graph.n_forward, d_model, dtype=param.dtype, device=param.device)
+            delta = torch.empty(graph.n_forward, rows, pos, d_model, dtype=param.dtype, device=param.device)
             with torch.no_grad():
-                wiring.run(batch.corrupted.to(param.device), attention_mask=mask, tap=Record(delta))
-            e_corr = delta[:, :, 0].clone()  # (rows, pos, d_model)
+                wiring.run(batch.corrupted.to(param.device), attention_mask=mask, tap=Record(delta), logits_to_keep=1)
+            e_corr = delta[0].clone()  # (rows, pos, d_model)
             for k in range(ig_steps, 0, -1):
                 alpha = k / ig_steps
                 if k == ig_steps:  # the clean run: completes delta = a^corr - a^clean
                     tap = _Gradients(graph, delta, scores, subtract=True)
-                else:  # delta[:, :, 0] = e_corr - e_clean, so this is e_corr + alpha (e_clean - e_corr)
-                    tap = _Gradients(graph, delta, scores, subtract=False, input=e_corr - alpha * delta[:, :, 0])
+                else:  # delta[0] = e_corr - e_clean, so this is e_corr + alpha (e_clean - e_corr)
+                    tap = _Gradients(graph, delta, scores, subtract=False, input=e_corr - alpha * delta[0])
                 with torch.enable_grad():
                     logits = wiring.run(batch.clean.to(param.device), attention_mask=mask, tap=tap)
                     (metric(logits, batch) * (rows / ig_steps)).backward()
@@ -112,26 +112,26 @@ def _gradient_scores(model, batches, metric, *, graph, ig_steps, max_delta_mb, o
     return graph.with_scores(scores.cpu() / examples, method=method, ig_steps=ig_steps, n_examples=examples)
 
 
-def _eap(model, batches, metric, *, graph, ig_steps, max_delta_mb, on_step):
-    return _gradient_scores(model, batches, metric, graph=graph, ig_steps=1, max_delta_mb=max_delta_mb,
+def _eap(model, batches, *, metric, graph, ig_steps, max_delta_mb, on_step):
+    return _gradient_scores(model, batches, metric=metric, graph=graph, ig_steps=1, max_delta_mb=max_delta_mb,
                             on_step=on_step, method="eap")
 
 
-def _eap_ig(model, batches, metric, *, graph, ig_steps, max_delta_mb, on_step):
-    return _gradient_scores(model, batches, metric, graph=graph, ig_steps=ig_steps, max_delta_mb=max_delta_mb,
-                            on_step=on_step, method="eap-ig-inputs")
+def _eap_ig(model, batches, *, metric, graph, ig_steps, max_delta_mb, on_step):
+    return _gradient_scores(model, batches, metric=metric, graph=graph, ig_steps=ig_steps,
+                            max_delta_mb=max_delta_mb, on_step=on_step, method="eap-ig-inputs")
 
 
-def _exact(model, batches, metric, *, graph, ig_steps, max_delta_mb, on_step):
+def _exact(model, batches, *, metric, graph, ig_steps, max_delta_mb, on_step):
     from spartan_cli.circuit.faithfulness import exact_scores
 
-    return exact_scores(model, graph, batches, metric, max_delta_mb=max_delta_mb)
+    return exact_scores(model, batches, metric=metric, graph=graph, max_delta_mb=max_delta_mb)
 
 
 METHODS: dict[str, Callable] = {"eap": _eap, "eap-ig-inputs": _eap_ig, "exact": _exact}
 
 
-def attribute(model, batches: Iterable[Contrast], metric: Metric, *, method: str = "eap-ig-inputs",
+def attribute(model, batches: Iterable[Contrast], *, metric: Metric, method: str = "eap-ig-inputs",
               ig_steps: int = 5, graph: Graph | None = None, max_delta_mb: float = DEFAULT_MAX_DELTA_MB,
               on_step: Callable[[AttributionStep], None] | None = None) -> Graph:
     """Score every edge of ``graph`` (default: the model's full graph) -> the graph with ``scores`` set.
@@ -146,6 +146,6 @@ def attribute(model, batches: Iterable[Contrast], metric: Metric, *, method: str
         raise ConfigError(f"ig_steps must be >= 1, got {ig_steps!r}")
     if max_delta_mb <= 0:
         raise ConfigError(f"max_delta_mb must be > 0, got {max_delta_mb!r}")
-    graph = graph or Graph.from_model(model)
-    return METHODS[method](model, batches, metric, graph=graph, ig_steps=ig_steps, max_delta_mb=max_delta_mb,
-                           on_step=on_step)
+    graph = Graph.from_model(model) if graph is None else graph
+    return METHODS[method](model, batches, metric=metric, graph=graph, ig_steps=ig_steps,
+                           max_delta_mb=max_delta_mb, on_step=on_step)

@@ -63,7 +63,7 @@ class ContrastBatch:
 
 
 def delta_rows(pos: int, n_sources: int, d_model: int, *, max_delta_mb: float, dtype=torch.float32) -> int:
-    """Rows per chunk so the activation-difference buffer (rows, pos, n_sources, d_model) fits ``max_delta_mb``."""
+    """Rows per chunk so the activation-difference buffer (n_sources, rows, pos, d_model) fits ``max_delta_mb``."""
     per_row = pos * n_sources * d_model * torch.empty((), dtype=dtype).element_size()
     return max(1, int(max_delta_mb * 2**20 // per_row))
 

@@ -1,12 +1,12 @@
 """Edge-patching evaluation of circuits, normalized faithfulness, and the faithfulness-vs-edges curve.
 
 Evaluating a circuit C (CIRCUITS.md §3.5, EAP-IG ``evaluate_graph``), per chunk of rows:
-1. Corrupted forward: delta[:, :, u] = a_u^corr for every source u. Its metric, scored with the clean
+1. Corrupted forward: delta[u] = a_u^corr for every source u. Its metric, scored with the clean
    batch's answers, is m(empty).
 2. Clean forward without intervention: m(full).
 3. For each circuit, a clean forward in which every source subtracts its current output,
-   delta[:, :, u] -= a_u, and every destination v reads x_v + sum over parents u with (u -> v) not in C of
-   delta[:, :, u]. Sources fire in forward order, so delta[u] is final before any reader uses it: edges
+   delta[u] -= a_u, and every destination v reads x_v + sum over parents u with (u -> v) not in C of
+   delta[u]. Sources fire in forward order, so delta[u] is final before any reader uses it: edges
    outside C carry corrupted values, edges inside carry the values of this intervened run.
 4. Metrics are averaged over examples; then F(C) = (m(C) - m(empty)) / (m(full) - m(empty)).
 The corrupted activations of a chunk are computed once and shared by every circuit of a sweep.
@@ -19,8 +19,8 @@ CPR and CMD are trapezoid areas of F and |1 - F| over the requested edge fractio
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import torch
 
@@ -43,7 +43,7 @@ class Patch(Tap):
         self.slot_patched = missing.any(dim=0).tolist()
 
     def source(self, start, out):
-        self.delta[:, :, start:start + out.shape[2]] -= out
+        self.delta[start:start + out.shape[2]] -= out.permute(2, 0, 1, 3)
         return out
 
     def destination(self, start, x):
@@ -51,8 +51,10 @@ class Patch(Tap):
         if not any(self.slot_patched[start:start + n]):
             return x
         prev = int(self.graph.n_upstream[start])
-        patch = torch.einsum("btfd,fs->btsd", self.delta[:, :, :prev], self.missing[:prev, start:start + n])
-        return x + patch  # (rows, pos, n, d_model)
+        _, rows, pos, d_model = self.delta.shape
+        weights = self.missing[:prev, start:start + n].T  # (n, prev)
+        patch = (weights @ self.delta[:prev].reshape(prev, -1)).view(n, rows, pos, d_model)
+        return x + patch.permute(1, 2, 0, 3)  # (rows, pos, n, d_model)
 
 
 @dataclass(frozen=True)
@@ -74,16 +76,20 @@ def faithfulness(metric: float, *, clean: float, corrupted: float) -> float:
     return (metric - corrupted) / span if span != 0 else math.nan
 
 
-def evaluate(model, graph: Graph, circuits: Sequence[torch.Tensor], batches: Iterable[Contrast], metric: Metric,
-             *, max_delta_mb: float = DEFAULT_MAX_DELTA_MB) -> Evaluation:
-    """Mean metric of every circuit (an ``in_graph`` (n_forward, n_backward) bool tensor, or a Graph)
-    under edge patching, with m(full) and m(empty). No gradients; the model is wired for the call only."""
+def evaluate(model, batches: Iterable[Contrast], *, metric: Metric, circuits: Sequence[Graph | torch.Tensor],
+             graph: Graph | None = None, max_delta_mb: float = DEFAULT_MAX_DELTA_MB) -> Evaluation:
+    """Mean metric of every circuit under edge patching, with m(full) and m(empty).
+
+    A circuit is a Graph or an ``in_graph`` (n_forward, n_backward) bool tensor of ``graph`` (default: the
+    first circuit's graph, else the model's). Circuits are read one at a time, so a lazy sequence keeps
+    memory flat. No gradients; the model is wired for the call only."""
     from spartan_cli.models import model_shape
 
+    if graph is None:
+        graph = circuits[0] if circuits and isinstance(circuits[0], Graph) else Graph.from_model(model)
     param = next(model.parameters())
     d_model = model_shape(model).d_model
-    missing = [graph.real & ~(c.in_graph if isinstance(c, Graph) else c.to(torch.bool)) for c in circuits]
-    missing = [m.to(param.device) for m in missing]
+    real = graph.real.to(param.device)
     sums, clean_sum, corrupted_sum, examples = [0.0] * len(circuits), 0.0, 0.0, 0
     with torch.no_grad(), wired(model, graph) as wiring:
         for batch in chunks(batches, n_sources=graph.n_forward, d_model=d_model, max_delta_mb=max_delta_mb,
@@ -91,12 +97,13 @@ def evaluate(model, graph: Graph, circuits: Sequence[torch.Tensor], batches: Ite
             rows, pos = batch.clean.shape
             mask = None if batch.attention_mask is None else batch.attention_mask.to(param.device)
             clean_ids = batch.clean.to(param.device)
-            corrupted = torch.zeros(rows, pos, graph.n_forward, d_model, dtype=param.dtype, device=param.device)
+            corrupted = torch.empty(graph.n_forward, rows, pos, d_model, dtype=param.dtype, device=param.device)
             logits = wiring.run(batch.corrupted.to(param.device), attention_mask=mask, tap=Record(corrupted))
             corrupted_sum += float(metric(logits, batch)) * rows
             clean_sum += float(metric(wiring.run(clean_ids, attention_mask=mask), batch)) * rows
-            for i, miss in enumerate(missing):
-                tap = Patch(graph, corrupted.clone(), miss)
+            for i, circuit in enumerate(circuits):
+                in_graph = circuit.in_graph if isinstance(circuit, Graph) else circuit
+                tap = Patch(graph, corrupted.clone(), real & ~in_graph.to(param.device, torch.bool))
                 sums[i] += float(metric(wiring.run(clean_ids, attention_mask=mask, tap=tap), batch)) * rows
             examples += rows
     if examples == 0:
@@ -104,21 +111,33 @@ def evaluate(model, graph: Graph, circuits: Sequence[torch.Tensor], batches: Ite
     return Evaluation(tuple(s / examples for s in sums), clean_sum / examples, corrupted_sum / examples, examples)
 
 
-def exact_scores(model, graph: Graph, batches: Iterable[Contrast], metric: Metric, *,
+class _AllButOne(Sequence):
+    """The full circuit minus edge i, for each real edge i, built on demand."""
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.edges = torch.nonzero(graph.real)  # (n_edges, 2)
+
+    def __len__(self) -> int:
+        return len(self.edges)
+
+    def __getitem__(self, i):
+        circuit = self.graph.real.clone()
+        f, b = self.edges[i].tolist()
+        circuit[f, b] = False
+        return circuit
+
+
+def exact_scores(model, batches: Iterable[Contrast], *, metric: Metric, graph: Graph | None = None,
                  max_delta_mb: float = DEFAULT_MAX_DELTA_MB) -> Graph:
     """Ground truth for attribution: s(u -> v) = m(every edge but u -> v) - m(full), one patched run per edge.
 
     Costs one clean forward per edge and chunk: use it on small models only."""
-    batches = list(batches)
-    fs, bs = torch.nonzero(graph.real, as_tuple=True)
-    circuits = []
-    for f, b in zip(fs.tolist(), bs.tolist()):
-        c = graph.real.clone()
-        c[f, b] = False
-        circuits.append(c)
-    result = evaluate(model, graph, circuits, batches, metric, max_delta_mb=max_delta_mb)
+    graph = Graph.from_model(model) if graph is None else graph
+    circuits = _AllButOne(graph)
+    result = evaluate(model, batches, metric=metric, circuits=circuits, graph=graph, max_delta_mb=max_delta_mb)
     scores = torch.zeros(graph.n_forward, graph.n_backward)
-    scores[fs, bs] = torch.tensor(result.metrics) - result.clean
+    scores[circuits.edges[:, 0], circuits.edges[:, 1]] = torch.tensor(result.metrics) - result.clean
     return graph.with_scores(scores, method="exact", n_examples=result.n_examples)
 
 
@@ -140,22 +159,23 @@ class Curve:
     total_edges: int
     selection: str
 
-    def edges_needed(self, level: float = 0.9) -> int | None:
-        """The smallest post-prune edge count whose running-maximum faithfulness reaches ``level``
-        (not interpolated); None if no circuit of the curve reaches it."""
+    def point_for(self, level: float = 0.9) -> CurvePoint | None:
+        """The smallest circuit (by post-prune edges) at which the running maximum of F reaches ``level``:
+        F is not monotone in the edge count, so a later dip does not undo an earlier success. Its own F is
+        >= ``level``. None if no circuit of the curve reaches it. Not interpolated."""
         best = -math.inf
         for p in sorted(self.points, key=lambda p: (p.edges, p.requested)):
-            if not math.isnan(p.faithfulness):
-                best = max(best, p.faithfulness)
+            if math.isnan(p.faithfulness) or p.faithfulness <= best:
+                continue
+            best = p.faithfulness
             if best >= level:
-                return p.edges
+                return p
         return None
 
-    def point_for(self, level: float = 0.9) -> CurvePoint | None:
-        """The point that ``edges_needed`` reads its count from."""
-        edges = self.edges_needed(level)
-        return None if edges is None else min((p for p in self.points if p.edges == edges),
-                                             key=lambda p: p.requested)
+    def edges_needed(self, level: float = 0.9) -> int | None:
+        """Post-prune edge count of ``point_for(level)``."""
+        point = self.point_for(level)
+        return None if point is None else point.edges
 
     def _areas(self, *, log_x: bool) -> tuple[float, float]:
         pts = sorted(self.points, key=lambda p: p.requested)
@@ -204,11 +224,11 @@ def fraction_grid(total: int, fractions: Sequence[float] = MIB_FRACTIONS) -> lis
     return [int(f * total) for f in fractions]
 
 
-def sweep(model, graph: Graph, batches: Iterable[Contrast], metric: Metric, *, sizes: Sequence[int] | None = None,
+def sweep(model, batches: Iterable[Contrast], *, metric: Metric, graph: Graph, sizes: Sequence[int] | None = None,
           selection: str = "greedy", absolute: bool = True,
           max_delta_mb: float = DEFAULT_MAX_DELTA_MB) -> Curve:
-    """Faithfulness of the circuits selected from ``graph``'s scores at each requested size (default:
-    ``log_grid``). Circuits that prune to the same edges are evaluated once."""
+    """Faithfulness of the circuits selected from ``graph``'s scores (from ``attribute``) at each requested
+    size (default: ``log_grid``). Circuits that prune to the same edges are evaluated once."""
     total = graph.n_real_edges
     sizes = list(sizes) if sizes is not None else log_grid(total)
     if any(n < 0 for n in sizes):
@@ -222,7 +242,7 @@ def sweep(model, graph: Graph, batches: Iterable[Contrast], metric: Metric, *, s
     distinct = [None] * len(unique)
     for c, i in zip(circuits, order):
         distinct[i] = c.in_graph
-    result = evaluate(model, graph, distinct, batches, metric, max_delta_mb=max_delta_mb)
+    result = evaluate(model, batches, metric=metric, circuits=distinct, graph=graph, max_delta_mb=max_delta_mb)
     points = tuple(CurvePoint(n, c.n_edges, c.n_nodes, result.metrics[i], result.faithfulness(result.metrics[i]))
                    for n, c, i in zip(sizes, circuits, order))
     return Curve(points, result.clean, result.corrupted, total, selection)

@@ -19,8 +19,10 @@ training flag, ``requires_grad`` of every parameter and any GQA flags are restor
 from __future__ import annotations
 
 import inspect
+import sys
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -53,21 +55,23 @@ class Wiring:
     tap: Tap
 
     def run(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
-            tap: Tap | None = None) -> torch.Tensor:
-        """Logits (batch, pos, vocab) of ``input_ids`` (batch, pos), with ``tap`` (default: none)."""
+            tap: Tap | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+        """Logits (batch, pos, vocab) of ``input_ids`` (batch, pos), with ``tap`` (default: none).
+        ``logits_to_keep=k`` unembeds only the last k positions (0: all), for runs whose logits go unread."""
         self.tap = tap or Tap()
         try:
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                              logits_to_keep=logits_to_keep).logits
         finally:
             self.tap = Tap()
 
 
-def _interface(attn) -> callable:
-    import transformers.modeling_utils as mu
-    import sys
+def _interface(attn) -> Callable:
+    """The attention function the model is configured with (as its own attention module would pick it)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     eager = getattr(sys.modules[type(attn).__module__], "eager_attention_forward")
-    return mu.ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager)
+    return ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager)
 
 
 def _block_forward(wiring: Wiring, parts: BlockParts, layer: int, signature: inspect.Signature):
@@ -87,7 +91,7 @@ def _block_forward(wiring: Wiring, parts: BlockParts, layer: int, signature: ins
         resid = hidden_states  # (batch, pos, d_model)
         B, T, D = resid.shape
         if layer == 0:
-            resid = tap.source(0, resid[:, :, None])[:, :, 0]
+            resid = tap.source(0, resid.unsqueeze(2)).squeeze(2)
 
         # 2. per-head q/k/v inputs
         shared = resid[:, :, None, :].expand(B, T, 3 * H, D)
@@ -96,9 +100,9 @@ def _block_forward(wiring: Wiring, parts: BlockParts, layer: int, signature: ins
             normed = parts.ln_attn(resid)  # (batch, pos, d_model)
             q, k, v = (torch.einsum("btd,hed->bthe", normed, w) for w in (parts.w_q, parts.w_k, parts.w_v))
         else:
-            normed = parts.ln_attn(x).view(B, T, 3, H, D)
-            q, k, v = (torch.einsum("bthd,hed->bthe", normed[:, :, i], w)
-                       for i, w in enumerate((parts.w_q, parts.w_k, parts.w_v)))  # each (batch, pos, n_heads, d_head)
+            normed = parts.ln_attn(x).view(B, T, 3, H, D).unbind(dim=2)  # unbind: no zero-filled grads per slice
+            q, k, v = (torch.einsum("bthd,hed->bthe", n, w)
+                       for n, w in zip(normed, (parts.w_q, parts.w_k, parts.w_v)))  # each (batch, pos, n_heads, d_head)
         if parts.b_q is not None:
             q, k, v = q + parts.b_q, k + parts.b_k, v + parts.b_v
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (batch, n_heads, pos, d_head)
@@ -116,8 +120,8 @@ def _block_forward(wiring: Wiring, parts: BlockParts, layer: int, signature: ins
 
         # 4. MLP
         mid = resid if parts.parallel else resid + attn_out
-        x_mlp = tap.destination(mlp_slot, mid[:, :, None])[:, :, 0]  # (batch, pos, d_model)
-        mlp_out = tap.source(mlp_src, parts.mlp(parts.ln_mlp(x_mlp))[:, :, None])[:, :, 0]
+        x_mlp = tap.destination(mlp_slot, mid.unsqueeze(2)).squeeze(2)  # (batch, pos, d_model)
+        mlp_out = tap.source(mlp_src, parts.mlp(parts.ln_mlp(x_mlp)).unsqueeze(2)).squeeze(2)
         return mid + mlp_out + (attn_out if parts.parallel else 0.0)
 
     return forward
@@ -132,7 +136,7 @@ def wired(model, graph: Graph | None = None):
     """
     from spartan_cli.models import adapter_for, model_shape
 
-    graph = graph or Graph.from_model(model)
+    graph = Graph.from_model(model) if graph is None else graph
     shape, anatomy = model_shape(model), anatomy_for(model)
     want = (shape.n_layers, shape.n_heads, anatomy.parallel(model.config))
     if want != (graph.n_layers, graph.n_heads, graph.parallel_attn_mlp):
@@ -159,7 +163,7 @@ def wired(model, graph: Graph | None = None):
             block.forward = _block_forward(wiring, parts, layer, inspect.signature(block.forward))
 
         def logits_input(_module, args):
-            x = wiring.tap.destination(graph.logits_slot, args[0][:, :, None])[:, :, 0]
+            x = wiring.tap.destination(graph.logits_slot, args[0].unsqueeze(2)).squeeze(2)
             return (x, *args[1:])
 
         handle = anatomy.final_norm(model).register_forward_pre_hook(logits_input)
