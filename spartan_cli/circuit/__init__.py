@@ -13,15 +13,15 @@ metrics), ``attribute``, ``select``, ``faithfulness``.
 
 from spartan_cli.circuit.attribute import METHODS, AttributionStep, attribute
 from spartan_cli.circuit.contrast import Contrast, ContrastBatch, Metric
-from spartan_cli.circuit.faithfulness import (MIB_FRACTIONS, Curve, CurvePoint, Evaluation, evaluate, exact_scores,
-                                              faithfulness, fraction_grid, log_grid, sweep)
+from spartan_cli.circuit.faithfulness import (MIB_FRACTIONS, Curve, CurvePoint, Evaluation, EvaluationStep, evaluate,
+                                              exact_scores, faithfulness, fraction_grid, log_grid, sweep)
 from spartan_cli.circuit.graph import Edge, Graph, Node, edge_count, to_networkx
 from spartan_cli.circuit.select import SELECTIONS, greedy, prune, select, threshold, topn
 from spartan_cli.circuit.wiring import Tap, Wiring, wired
 
 __all__ = [
-    "METHODS", "SELECTIONS", "MIB_FRACTIONS", "AttributionStep", "Contrast", "ContrastBatch", "Curve", "CurvePoint",
-    "Edge", "Evaluation", "Graph", "Metric", "Node", "Tap", "Wiring", "attribute", "edge_count", "evaluate",
-    "exact_scores", "faithfulness", "fraction_grid", "greedy", "log_grid", "prune", "select", "sweep",
-    "threshold", "to_networkx", "topn", "wired",
+    "METHODS", "SELECTIONS", "MIB_FRACTIONS", "AttributionStep", "Contrast", "ContrastBatch", "Curve",
+    "CurvePoint", "Edge", "Evaluation", "EvaluationStep", "Graph", "Metric", "Node", "Tap", "Wiring", "attribute",
+    "edge_count", "evaluate", "exact_scores", "faithfulness", "fraction_grid", "greedy", "log_grid", "prune",
+    "select", "sweep", "threshold", "to_networkx", "topn", "wired",
 ]

@@ -19,7 +19,7 @@ CPR and CMD are trapezoid areas of F and |1 - F| over the requested edge fractio
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +58,15 @@ class Patch(Tap):
 
 
 @dataclass(frozen=True)
+class EvaluationStep:
+    """Progress of an evaluation: examples done, and patched runs done on the current chunk of rows."""
+
+    examples: int
+    circuits_done: int
+    circuits: int
+
+
+@dataclass(frozen=True)
 class Evaluation:
     """Mean metrics over the examples: one per circuit, and the two baselines."""
 
@@ -77,7 +86,8 @@ def faithfulness(metric: float, *, clean: float, corrupted: float) -> float:
 
 
 def evaluate(model, batches: Iterable[Contrast], *, metric: Metric, circuits: Sequence[Graph | torch.Tensor],
-             graph: Graph | None = None, max_delta_mb: float = DEFAULT_MAX_DELTA_MB) -> Evaluation:
+             graph: Graph | None = None, max_delta_mb: float = DEFAULT_MAX_DELTA_MB,
+             on_step: Callable[[EvaluationStep], None] | None = None) -> Evaluation:
     """Mean metric of every circuit under edge patching, with m(full) and m(empty).
 
     A circuit is a Graph or an ``in_graph`` (n_forward, n_backward) bool tensor of ``graph`` (default: the
@@ -105,6 +115,8 @@ def evaluate(model, batches: Iterable[Contrast], *, metric: Metric, circuits: Se
                 in_graph = circuit.in_graph if isinstance(circuit, Graph) else circuit
                 tap = Patch(graph, corrupted.clone(), real & ~in_graph.to(param.device, torch.bool))
                 sums[i] += float(metric(wiring.run(clean_ids, attention_mask=mask, tap=tap), batch)) * rows
+                if on_step is not None:
+                    on_step(EvaluationStep(examples, i + 1, len(circuits)))
             examples += rows
     if examples == 0:
         raise ConfigError("evaluation got no examples; pass at least one non-empty batch")
@@ -225,8 +237,8 @@ def fraction_grid(total: int, fractions: Sequence[float] = MIB_FRACTIONS) -> lis
 
 
 def sweep(model, batches: Iterable[Contrast], *, metric: Metric, graph: Graph, sizes: Sequence[int] | None = None,
-          selection: str = "greedy", absolute: bool = True,
-          max_delta_mb: float = DEFAULT_MAX_DELTA_MB) -> Curve:
+          selection: str = "greedy", absolute: bool = True, max_delta_mb: float = DEFAULT_MAX_DELTA_MB,
+          on_step: Callable[[EvaluationStep], None] | None = None) -> Curve:
     """Faithfulness of the circuits selected from ``graph``'s scores (from ``attribute``) at each requested
     size (default: ``log_grid``). Circuits that prune to the same edges are evaluated once."""
     total = graph.n_real_edges
@@ -242,7 +254,8 @@ def sweep(model, batches: Iterable[Contrast], *, metric: Metric, graph: Graph, s
     distinct = [None] * len(unique)
     for c, i in zip(circuits, order):
         distinct[i] = c.in_graph
-    result = evaluate(model, batches, metric=metric, circuits=distinct, graph=graph, max_delta_mb=max_delta_mb)
+    result = evaluate(model, batches, metric=metric, circuits=distinct, graph=graph, max_delta_mb=max_delta_mb,
+                      on_step=on_step)
     points = tuple(CurvePoint(n, c.n_edges, c.n_nodes, result.metrics[i], result.faithfulness(result.metrics[i]))
                    for n, c, i in zip(sizes, circuits, order))
     return Curve(points, result.clean, result.corrupted, total, selection)

@@ -36,7 +36,8 @@ class Tap:
 
     ``source(start, out)``: ``out`` (batch, pos, n, d_model) are sources ``start .. start + n - 1``.
     ``destination(start, x)``: ``x`` (batch, pos, n, d_model) are the inputs of slots ``start .. start + n - 1``.
-    Both return the tensor the model goes on with (the argument itself, or a replacement).
+    Both return the tensor the model goes on with: the argument itself, or a new tensor. Never change the
+    argument in place: the head inputs are an expanded view of the residual stream itself.
     """
 
     def source(self, start: int, out: torch.Tensor) -> torch.Tensor:
