@@ -68,6 +68,7 @@ class GecoConfig:
     smoothing: float = 0.99  # m in c_ma = m * c_ma + (1 - m) * (CE - tau)
     warmup_steps: int = 50  # beta is held at beta_init this long while the model adapts to sampled gates
     scale: float | None = None  # divides CE - tau; None: max(tau, 0.05) nats
+    settle_fraction: float = 0.1  # last share of steps in which beta may only fall, so the run ends feasible
 
     def __post_init__(self):
         _positive("geco.beta_init", self.beta_init)
@@ -84,6 +85,8 @@ class GecoConfig:
             raise ConfigError(f"geco.smoothing must be in [0, 1), got {self.smoothing!r}")
         if self.scale is not None:
             _positive("geco.scale", self.scale)
+        if not 0.0 <= self.settle_fraction < 1.0:
+            raise ConfigError(f"geco.settle_fraction must be in [0, 1), got {self.settle_fraction!r}")
 
     to_dict = dataclasses.asdict
 

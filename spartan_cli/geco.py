@@ -9,7 +9,9 @@ predecessor paper (SPARTAN, arXiv 2411.06890; GECO, Rezende & Viola 2018):
    constraint holds and falls when it is violated. Plain log-space ascent, never through Adam.
 4. During warm-up beta stays at beta_init (sampled gates first raise CE above tau; letting beta collapse
    then is the trap METHOD.md describes), while c_ma is tracked so it is warm when updates start.
-5. beta pinned at beta_min while c_ma > 0 means the target looks infeasible: reported, not diverged.
+5. In the settle phase (the last ``settle_fraction`` of the run) beta may only fall: the pressure stops
+   growing so the run ends on the feasible side of the constraint instead of mid-oscillation.
+6. beta pinned at beta_min while c_ma > 0 means the target looks infeasible: reported, not diverged.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class GecoState:
         return cls(**{k: d[k] for k in ("beta", "c_ma", "steps", "floor_steps")})
 
 
-def geco_update(state: GecoState, ce: float, tau: float, cfg: GecoConfig) -> GecoState:
+def geco_update(state: GecoState, ce: float, tau: float, cfg: GecoConfig, *, settling: bool = False) -> GecoState:
     """One multiplier update from this step's CE (nats) against the target tau (nats)."""
     m = cfg.smoothing
     c_ma = (ce - tau) if state.steps == 0 else m * state.c_ma + (1.0 - m) * (ce - tau)
@@ -52,7 +54,7 @@ def geco_update(state: GecoState, ce: float, tau: float, cfg: GecoConfig) -> Gec
         return replace(state, c_ma=c_ma, steps=steps)
     scale = cfg.scale if cfg.scale is not None else max(tau, 0.05)
     step = -cfg.rate * c_ma / scale
-    step = max(-cfg.max_log_step, min(cfg.max_log_step, step))
+    step = max(-cfg.max_log_step, min(0.0 if settling else cfg.max_log_step, step))
     log_beta = min(math.log(cfg.beta_max), max(math.log(cfg.beta_min), math.log(state.beta) + step))
     beta = math.exp(log_beta)
     at_floor = beta <= cfg.beta_min * (1 + 1e-9) and c_ma > 0

@@ -264,7 +264,8 @@ def sparsify(
             opt.zero_grad(set_to_none=True)
             ce_mean = ce_sum / tc.grad_accum
             if finite:
-                geco = geco_update(geco, ce_mean, state.tau, gc)
+                settling = step >= tc.steps * (1.0 - gc.settle_fraction)
+                geco = geco_update(geco, ce_mean, state.tau, gc, settling=settling)
             state.step = step + 1
             state.tokens_seen += tokens_per_step
             elapsed = time.perf_counter() - t_start

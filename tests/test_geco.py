@@ -66,3 +66,10 @@ def test_bad_geco_config_names_the_field(bad):
     with pytest.raises(ConfigError) as err:
         GecoConfig.from_dict(bad)
     assert list(bad)[0] in str(err.value)
+
+
+def test_settle_phase_lets_beta_fall_but_not_rise():
+    cfg = GecoConfig(warmup_steps=0, smoothing=0.0, rate=1.0)
+    state = GecoState(beta=1.0)
+    assert geco_update(state, 0.0, 1.0, cfg, settling=True).beta == 1.0  # constraint holds: no rise
+    assert geco_update(state, 2.0, 1.0, cfg, settling=True).beta < 1.0  # violated: falls as usual
