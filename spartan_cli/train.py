@@ -199,7 +199,8 @@ def sparsify(
         state = resume
 
     params = trainable_parameters(model, tc.trainable)
-    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.95))
+    # fused: one kernel over all parameters (the per-tensor loop took ~10 s a step for a 135M model on CPU)
+    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.95), fused=True)
     if resume is not None:
         opt.load_state_dict(resume.optimizer)
         _set_rng_state(gen, resume.rng)
@@ -245,11 +246,9 @@ def sparsify(
                 reg_sum += float(reg.detach())
                 open_sum += int(sum(int(s.stats.open_pairs.sum()) for s in states))
                 allowed_sum += int(states[0].stats.allowed_pairs.sum()) * len(states) * states[0].n_heads
-            if finite:
-                if tc.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-                grads_ok = all(p.grad is None or torch.isfinite(p.grad).all() for p in params)
-                finite = grads_ok
+            if finite:  # one total norm both clips and tells whether any gradient is inf/nan
+                total_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip or float("inf"))
+                finite = bool(torch.isfinite(total_norm))
             if finite:
                 opt.step()
                 state.bad_steps = 0

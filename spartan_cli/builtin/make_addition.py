@@ -41,17 +41,17 @@ class TrainSettings:
     """How the dense addition model is trained (defaults = the shipped model)."""
 
     seed: int = 0
-    steps: int = 6000  # optimiser steps
-    batch_size: int = 512  # problems per step
+    steps: int = 2500  # optimiser steps (exact match hit 1.0 on all 10,000 by step 1750 in a 3,000-step trial)
+    batch_size: int = 256  # problems per step
     lr: float = 1e-3  # peak learning rate
-    warmup: int = 300  # linear warmup steps
+    warmup: int = 200  # linear warmup steps
     weight_decay: float = 0.1  # AdamW decoupled decay on matrices (not biases / LayerNorm)
     betas: tuple[float, float] = (0.9, 0.98)
     grad_clip: float = 1.0
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
-    eval_every: int = 500
+    eval_every: int = 250
     threads: int = 2  # torch intra-op threads (the result depends on it only in the last bits)
 
     def __post_init__(self):
@@ -181,6 +181,9 @@ def save(model, tokenizer, text: str, out: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(text)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the shipped directory should be world-readable
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
         old = None
         if out.exists():  # os.replace cannot replace a non-empty directory: move the old one aside first
             old = out.parent / f".{out.name}.old-{os.getpid()}"
