@@ -139,7 +139,7 @@ def test_unknown_task_and_missing_model_give_one_line(ckpt, tmp_path, capsys):
 
 
 def test_registry_names_and_arguments():
-    assert sorted(TASKS) == ["addition"]
+    assert sorted(TASKS) == ["addition", "custom", "greater-than", "ioi"]
     assert get_task("addition") is TASKS["addition"]
     with pytest.raises(TaskError, match="takes no argument"):
         get_task("addition:file.jsonl")

@@ -3,15 +3,27 @@
 1. Data: all 10,000 problems ``aa+bb=ccccc`` (a, b in 0..99) as token ids of the built-in
    character tokenizer (``builtin.addition.encode``); the subset ``heldout_pairs`` holds the 1,000
    problems of ``split_pairs()`` that the dense model never trained on.
-2. Metric: exact-match accuracy, all five answer digits right under teacher forcing, which equals
-   greedy decoding (proof in ``builtin.addition.exact_match``), on all problems and on the held-out ones.
+2. Metric (``evaluate``): exact-match accuracy, all five answer digits right under teacher forcing,
+   which equals greedy decoding (proof in ``builtin.addition.exact_match``), on all problems and on the
+   held-out ones.
+3. Contrast pairs (``contrast``, for circuits): a random problem ``aa+bb`` and its twin with the units
+   digit of b replaced by a different random digit. That always changes the sum (by -9..9, never 0 mod
+   10), so the two answers differ in at least their last digit. Both prompts run up to the first answer
+   digit where the two sums differ, teacher-forcing the answer digits they share before it:
+   ``53+21=0007`` / ``53+24=0007`` (sums 00074 / 00077 first differ in the units digit). The prompts then
+   differ in one position (b's units digit) and have one length; across pairs the length is 8..10
+   tokens (hundreds, tens or units digit first differs), right-padded.
+   Metric: logit difference at the last real position, logit[right digit] - logit[the corrupted
+   problem's digit] (``answers`` = [right, wrong] per row), batch mean.
 Only a tokenizer that maps "0".."9", "+", "=" to ids 0..11 (the built-in one) can express the task.
 """
 
 from __future__ import annotations
 
 from spartan_cli.errors import TaskError
-from spartan_cli.tasks import Task, TaskData, TaskMetric, TaskResult
+import random
+
+from spartan_cli.tasks import LOGIT_DIFF, Task, TaskData, TaskMetric, TaskResult, contrast_batch, logit_difference, pad_id
 
 
 SUBSETS = {"heldout_pairs": "exact match on the held-out problems, never seen by the dense model"}
@@ -21,6 +33,39 @@ class AdditionTask(Task):
     name = "addition"
     summary = "two-digit addition of the built-in model: exact-match accuracy (all 10,000 and held-out problems)"
     native_model = "addition"
+    metric_name = "logit_diff"
+    metric_description = ("logit[right digit] - logit[corrupted problem's digit] at the first answer digit where "
+                          "the two sums differ")
+    default_n = 256
+    row_metrics = (LOGIT_DIFF,)  # circuits only; ``score`` keeps exact match
+
+    def describe(self) -> dict:
+        return {**super().describe(), "corruption": "b_units",
+                "corruption_description": "the units digit of b replaced by a different random digit",
+                "prompts": "aa+bb= plus the answer digits both sums share, up to the first that differs",
+                "answers": "[right digit id, corrupted problem's digit id] per prompt"}
+
+    def contrast(self, tokenizer, *, n: int | None = None, seed: int = 0):
+        from spartan_cli.builtin import addition
+
+        _check_tokenizer(tokenizer)
+        n = self.default_n if n is None else n
+        if not 1 <= n <= len(addition.ALL_PAIRS):
+            raise TaskError(f"addition: n={n!r}; there are {len(addition.ALL_PAIRS)} problems, ask for 1..that many")
+        rng = random.Random(seed)
+        pairs = [addition.ALL_PAIRS[i] for i in rng.sample(range(len(addition.ALL_PAIRS)), n)]
+        twins = [(a, b - b % 10 + rng.choice([d for d in range(10) if d != b % 10])) for a, b in pairs]
+        clean_ids, corrupted_ids = addition.encode(pairs).tolist(), addition.encode(twins).tolist()  # (n, 11)
+        clean_rows, corrupted_rows, answers = [], [], []
+        for clean, corrupted in zip(clean_ids, corrupted_ids):
+            first = next(p for p in range(addition.ANSWER_START, addition.SEQ_LEN) if clean[p] != corrupted[p])
+            clean_rows.append(clean[:first])  # the prompt predicts the token at ``first``
+            corrupted_rows.append(corrupted[:first])
+            answers.append([clean[first], corrupted[first]])
+        return contrast_batch(clean_rows, corrupted_rows, answers, pad=pad_id(tokenizer))
+
+    def row_scores(self, last, answers):
+        return logit_difference(last, answers)  # (batch,)
 
     def build(self, tokenizer, *, seed: int = 0) -> TaskData:
         import torch
