@@ -188,11 +188,11 @@ class Task:
         was_training = model.training
         model.eval()
         sums: dict[str, float] = {m.name: 0.0 for m in self.row_metrics}
+        rows = data.contrast()
         try:
             with torch.no_grad():
                 for start in range(0, len(data), batch_size):
-                    stop = start + batch_size
-                    batch = data.contrast().slice(start, stop)
+                    batch = rows.slice(start, start + batch_size)
                     mask = None if batch.attention_mask is None else batch.attention_mask.to(device)
                     logits = model(input_ids=batch.clean.to(device), attention_mask=mask).logits  # (batch, pos, vocab)
                     last = final_logits(logits.float(), batch)  # (batch, vocab)
