@@ -23,7 +23,8 @@ from __future__ import annotations
 from spartan_cli.errors import TaskError
 import random
 
-from spartan_cli.tasks import LOGIT_DIFF, Task, TaskData, TaskMetric, TaskResult, contrast_batch, logit_difference, pad_id
+from spartan_cli.tasks import (LOGIT_DIFF, Task, TaskData, TaskMetric, TaskResult, contrast_batch, logit_difference,
+                               pad_id)
 
 
 SUBSETS = {"heldout_pairs": "exact match on the held-out problems, never seen by the dense model"}

@@ -177,7 +177,8 @@ def _read_jsonl(path: Path) -> list[Pair]:
                 raise TaskError(f"custom: {where} must be an object with keys clean, corrupted, correct, incorrect; "
                                 f"got {sorted(row) if isinstance(row, dict) else type(row).__name__}")
             pairs.append(Pair(_text(row, "clean", where), _text(row, "corrupted", where),
-                              _answers(row["correct"], where, "correct"), _answers(row["incorrect"], where, "incorrect"),
+                              _answers(row["correct"], where, "correct"),
+                              _answers(row["incorrect"], where, "incorrect"),
                               where))
     return pairs
 
@@ -202,7 +203,8 @@ def _read_csv(path: Path) -> list[Pair]:
                     raise TaskError(f"custom: {where}: correct_idx/incorrect_idx must be integer token ids, got "
                                     f"{row['correct_idx']!r}, {row['incorrect_idx']!r}") from None
             else:
-                right, wrong = _answers(row["correct"], where, "correct"), _answers(row["incorrect"], where, "incorrect")
+                right = _answers(row["correct"], where, "correct")
+                wrong = _answers(row["incorrect"], where, "incorrect")
             pairs.append(Pair(_text(row, "clean", where), _text(row, "corrupted", where), right, wrong, where))
     return pairs
 
@@ -211,7 +213,8 @@ def _read_json(path: Path) -> list[Pair]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise TaskError(f"custom: {path.name} is not JSON ({err.msg}); for one object per line name it .jsonl") from None
+        raise TaskError(f"custom: {path.name} is not JSON ({err.msg}); for one object per line name it .jsonl") \
+            from None
     prompts = data.get("prompts") if isinstance(data, dict) else None
     if not isinstance(prompts, list):
         raise TaskError(f"custom: {path.name} must be an auto-circuit prompt file, an object with a 'prompts' list")
@@ -246,7 +249,8 @@ def write_pairs(path: str | os.PathLike, pairs, *, tokenizer=None) -> Path:
         for p in pairs:
             if len(p.correct) != 1 or len(p.incorrect) != 1:
                 raise TaskError(f"custom: {p.where or p.clean!r} has several answers; an EAP-IG csv holds one each")
-            lines.append([p.clean, p.corrupted, _token_id(p.correct[0], tokenizer), _token_id(p.incorrect[0], tokenizer)])
+            lines.append([p.clean, p.corrupted, _token_id(p.correct[0], tokenizer),
+                          _token_id(p.incorrect[0], tokenizer)])
         buf = io.StringIO()
         csv.writer(buf, lineterminator="\n").writerows(lines)
         text = buf.getvalue()

@@ -130,18 +130,25 @@ class GreaterThanTask(Task):
         return contrast_batch(clean_rows, corrupted_rows, answers, pad=pad_id(tokenizer))
 
     def row_scores(self, last, answers):
-        return self.row_values(last, answers)["prob_diff"]
+        p, greater = _year_probs(last, answers)
+        return (p * greater).sum(1) - (p * ~greater).sum(1)  # (batch,)
 
     def row_values(self, last, answers) -> dict:
-        import torch
-
-        answers = answers.to(last.device)
-        probs = last.float().softmax(-1)  # (batch, vocab)
-        p = probs.gather(1, answers[:, 1:])  # (batch, 100): p("00") .. p("99")
-        greater = torch.arange(100, device=last.device)[None, :] > answers[:, :1]  # (batch, 100)
+        p, greater = _year_probs(last, answers)
         return {"prob_diff": (p * greater).sum(1) - (p * ~greater).sum(1),
-                "accuracy": (p.argmax(1) > answers[:, 0]).float(),
+                "accuracy": greater.gather(1, p.argmax(1, keepdim=True))[:, 0].float(),
                 "year_prob": p.sum(1)}
+
+
+def _year_probs(last, answers):
+    """(p of "00".."99" (batch, 100), whether each is greater than the row's YY (batch, 100) bool)."""
+    import torch
+
+    answers = answers.to(last.device)
+    probs = last.float().softmax(-1)  # (batch, vocab): over the whole vocabulary
+    p = probs.gather(1, answers[:, 1:])  # (batch, 100)
+    greater = torch.arange(100, device=last.device)[None, :] > answers[:, :1]  # (batch, 100)
+    return p, greater
 
 
 def _trim_centuries(years: list[int]) -> list[int]:

@@ -24,8 +24,8 @@ from __future__ import annotations
 import random
 
 from spartan_cli.errors import TaskError
-from spartan_cli.tasks import (ACCURACY, LOGIT_DIFF, Task, best_is_right, contrast_batch, encode, logit_difference,
-                               pad_id, single_token)
+from spartan_cli.tasks import (RowMetric, Task, best_is_right, contrast_batch, encode, logit_difference, pad_id,
+                               single_token)
 
 # [B] is the subject (S1, then S2), [A] the indirect object; the prompt ends before the final [A].
 BABA_TEMPLATES = (
@@ -67,6 +67,8 @@ CORRUPTIONS = {
     "aba": "S2 replaced by the IO name, so the right answer flips (EAP-IG's corrupted_hard)",
 }
 DEFAULT_CORRUPTION = "s2"
+LOGIT_DIFF = RowMetric("logit_diff", "logit[' IO'] - logit[' S'] at the last real position", "logit")
+ACCURACY = RowMetric("accuracy", "the IO name's logit beats the subject's", "fraction")
 
 
 def templates(prompt_type: str) -> tuple[str, ...]:
