@@ -88,12 +88,11 @@ def encode(pairs) -> torch.Tensor:
 
 def decode(input_ids: torch.Tensor) -> list[str]:
     """Texts of token-id rows (n, pos) or one row (pos,); the inverse of ``encode`` on well-formed ids."""
-    rows = input_ids.reshape(-1, input_ids.shape[-1]).tolist()
     names = VOCAB + (PAD_TOKEN,)
-    try:
-        return ["".join(names[i] for i in row) for row in rows]
-    except IndexError as err:
-        raise DataError(f"decode: token id out of range 0..{len(names) - 1}; pass ids from encode()") from err
+    if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= len(names)):
+        raise DataError(f"decode: token ids must lie in 0..{len(names) - 1}; pass ids from encode()")
+    rows = input_ids.reshape(-1, input_ids.shape[-1]).tolist()
+    return ["".join(names[i] for i in row) for row in rows]
 
 
 def blocks(pairs) -> TokenBlocks:
@@ -111,11 +110,14 @@ def splits(seed: int = 0, *, n_train: int | None = None, heldout: int = 1000) ->
     an order shuffled by ``seed``; with ``n_train`` set, that many rows, cycling through fresh shuffles
     when ``n_train`` exceeds the number of train pairs. heldout: the held-out pairs, in order.
     The split itself is always seed 0 so the held-out problems stay unseen by the dense model;
-    ``seed`` only orders the training rows.
+    ``seed`` only orders the training rows. (The held-out pairs are a prefix of one seeded permutation,
+    so any ``heldout <= 1000`` is a subset of the dense model's unseen 1,000.)
     """
     train_pairs, held_pairs = split_pairs(0, heldout)
     if n_train is not None and n_train < 1:
-        raise DataError(f"n_train={n_train!r}: expected a positive integer or None (all {len(train_pairs)} train pairs)")
+        raise DataError(
+            f"n_train={n_train!r}: expected a positive integer, or None for all {len(train_pairs)} train pairs"
+        )
     want = len(train_pairs) if n_train is None else n_train
     gen = torch.Generator().manual_seed(seed)
     order = []
