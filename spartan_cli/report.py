@@ -3,12 +3,12 @@
 A report is one JSON object. Its header keys come first and say what made it:
   schema_version   int, this module's SCHEMA_VERSION (bumped when a metric's meaning or place changes)
   spartan_version  the package version that wrote it
-  kind             "evaluate" | "density"
+  kind             "evaluate" | "density" | "circuit"
   command          the command line, e.g. "spartan density runs/addition --json"
   config           the resolved configuration (model, data, batch sizes, ...): enough to re-run it
   versions         torch / transformers / python versions
 The metrics follow at the top level beside the header (so ``jq .overall.density`` works on a density
-report); the metric keys of each kind are documented in evaluate.py and density.py.
+report); the metric keys of each kind are documented in evaluate.py, density.py and circuit/discovery.py.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from spartan_cli import __version__
 from spartan_cli.errors import SpartanError
 
 SCHEMA_VERSION = 1
-KINDS = ("evaluate", "density")
+KINDS = ("evaluate", "density", "circuit")
 HEADER = ("schema_version", "spartan_version", "kind", "command", "config", "versions")
 
 

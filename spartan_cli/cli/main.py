@@ -19,6 +19,7 @@ COMMANDS = {
     "sparsify": ("spartan_cli.cli.sparsify", "Post-train a model to sparse attention (gated attention + GECO)."),
     "evaluate": ("spartan_cli.cli.evaluate", "CE, perplexity and task metrics of a checkpoint beside its base model."),
     "density": ("spartan_cli.cli.density", "Attention density per layer/head, keys read per query, pictures."),
+    "circuit": ("spartan_cli.cli.circuit", "A task's circuit by edge attribution and patching; dense vs sparse side by side."),
 }
 
 

@@ -1,0 +1,159 @@
+"""``spartan circuit CKPT_OR_MODEL --task T``: the task's circuit by edge attribution, and the base model's beside it."""
+
+from __future__ import annotations
+
+import click
+
+from spartan_cli.cli.evaluate import StageProgress, command_line, quiet_loading
+from spartan_cli.tasks import task_names
+
+# discovery.METHOD_NAMES and select.SELECTIONS, spelled out so --help imports no torch (a test keeps them equal)
+METHOD_CHOICES = ("eap", "eap-ig", "exact")
+SELECTION_CHOICES = ("greedy", "topn")
+
+
+@click.command("circuit")
+@click.argument("model")
+@click.option("--task", default=None, help=f"Task: {', '.join(task_names())}, custom:FILE.jsonl [built-in addition: addition].")
+@click.option("--method", type=click.Choice(METHOD_CHOICES), default="eap-ig", show_default=True,
+              help="Edge attribution: EAP (one backward), EAP-IG on the inputs, or exact (one patched run per "
+              "edge: small models only; sees gate switching that gradients miss).")
+@click.option("--ig-steps", type=click.IntRange(min=1), default=5, show_default=True, help="EAP-IG integration steps.")
+@click.option("--n-examples", type=click.IntRange(min=1), default=None, help="Clean/corrupted pairs [the task's default].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Pairs per forward.")
+@click.option("--selection", type=click.Choice(SELECTION_CHOICES), default="greedy", show_default=True,
+              help="Grow from the logits by score (greedy) or take the best edges anywhere (topn); both pruned.")
+@click.option("--faithfulness", type=float, default=0.9, show_default=True,
+              help="Report the smallest circuit recovering this share of the clean metric, in (0, 1].")
+@click.option("--compare-base", is_flag=True, help="Also find the base model's circuit; one table with both and their ratio.")
+@click.option("--baseline", default=None, help="Base model for --compare-base [the checkpoint's base_model].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Which pairs the task draws.")
+@click.option("--max-delta-mb", type=float, default=512.0, show_default=True,
+              help="Cap on the activation-difference buffer per chunk of rows (sources x rows x pos x d_model).")
+@click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
+              help="Write report.json, circuit.json, GraphML, DOT, curve CSV/PNG and a picture here (base/ for the base).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@click.option("--device", default="auto", show_default=True, help="auto (cuda if present), cpu, cuda, cuda:N.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow a hub model's own Python code to run.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
+def command(model, task, method, ig_steps, n_examples, batch_size, selection, faithfulness, compare_base, baseline,
+            seed, max_delta_mb, out, as_json, device, trust_remote_code, quiet):
+    """Find MODEL's circuit for a task: score every edge (input, heads with separate q/k/v inputs, MLPs,
+    logits) by EAP/EAP-IG, sweep circuit sizes with edge patching, and report the edges and nodes needed
+    to reach --faithfulness, the curve, CPR/CMD and the heads carrying most of the score. A spartan
+    checkpoint runs with deterministic gates, recomputed in every patched run.
+
+    \b
+    Examples:
+      spartan circuit runs/addition --compare-base --out runs/addition-circuit
+      spartan circuit runs/smollm2 --task ioi --n-examples 64 --method eap --json
+    """
+    from spartan_cli.circuit.discovery import CircuitConfig, circuit_run
+    from spartan_cli.report import make_report, write_report
+
+    quiet_loading()
+    cfg = CircuitConfig(model=model, task=task, method=method, ig_steps=ig_steps, n_examples=n_examples,
+                        batch_size=batch_size, selection=selection, faithfulness=faithfulness,
+                        compare_base=compare_base or baseline is not None, baseline=baseline, seed=seed,
+                        max_delta_mb=max_delta_mb, device=device, trust_remote_code=trust_remote_code)
+    with StageProgress(quiet=quiet) as progress:
+        run = circuit_run(cfg, on_progress=progress)
+    report = make_report("circuit", command=command_line(), config=run.config, metrics=run.metrics())
+    if out is not None:
+        from pathlib import Path
+
+        from spartan_cli.circuit.export import plot_curves, write_all
+
+        written = [write_report(report, out, name="report.json")]
+        written += write_all(run.model, out, command=command_line(), config=run.config)
+        if run.base is not None:
+            written += write_all(run.base, Path(out) / "base", command=command_line(), config=run.config)
+            written.append(plot_curves([run.model, run.base], Path(out) / "curve.png",
+                                       title=f"{run.task.get('task')}: sparse vs dense"))
+        if not quiet:
+            click.echo(f"{len(set(written))} files written to {out}", err=True)
+    if as_json:
+        click.echo(report.to_json(), nl=False)
+    else:
+        _print_tables(run)
+
+
+GATES_NOTE = ("deterministic gates 1[g > 0] in attribution and patching, recomputed from the patched q/k in every "
+              "patched run")
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _print_tables(run) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    results = [run.model] + ([run.base] if run.base is not None else [])
+    level = run.model.level
+    table = Table(title=f"spartan circuit: {run.task.get('task')}, {run.config['method']}, {run.config['selection']}, "
+                        f"{run.model.n_examples} pairs")
+    table.add_column("")
+    for r in results:
+        kind = "sparse" if r.gated else "dense"
+        name = r.name if len(r.name) <= 24 else "\u2026" + r.name[-23:]
+        table.add_column(f"{kind}\n{name}", justify="right")
+    if run.base is not None:
+        table.add_column("dense / sparse", justify="right")
+
+    def row(label, values, ratio=None):
+        table.add_row(label, *values, *([] if run.base is None else [ratio or ""]))
+
+    summaries = [r.summary() for r in results]
+    row(f"edges for F >= {level:g}", [_needed(s, "edges") for s in summaries],
+        _fmt(run.edge_ratio, ".1f") + "x" if run.edge_ratio else "-")
+    row(f"nodes for F >= {level:g}", [_needed(s, "nodes") for s in summaries],
+        _fmt(run.node_ratio, ".1f") + "x" if run.node_ratio else "-")
+    row("F of that circuit", [_fmt(s["circuit"]["faithfulness"], ".3f") for s in summaries])
+    row("best F (edges)", [f"{s['best']['faithfulness']:.3f} ({s['best']['edges']:,})" for s in summaries])
+    row(f"clean / corrupt {run.task.get('metric', 'metric')}",
+        [f"{s['baselines']['clean']:.3g} / {s['baselines']['corrupted']:.3g}" for s in summaries])
+    row("CPR / CMD", [f"{s['cpr']:.3f} / {s['cmd']:.3f}" for s in summaries])
+    att = [r.attention for r in results]
+    row("attn pairs/prompt, circuit", [_fmt(a and a.circuit, ",.1f") for a in att],
+        _ratio_text(att[1].circuit, att[0].circuit) if run.base is not None else None)
+    row("attn pairs/prompt, all heads", [_fmt(a and a.all_heads, ",.1f") for a in att],
+        _ratio_text(att[1].all_heads, att[0].all_heads) if run.base is not None else None)
+    row("time: attribute + sweep", [f"{s['timing']['attribution_s']:.1f}s + "
+                                       f"{s['timing']['sweep_s'] + s['timing']['refine_s']:.1f}s" for s in summaries])
+    console = Console()
+    console.print(table)
+    heads = Table(title="heads by summed |edge score| (* = in the circuit)")
+    for r in results:
+        heads.add_column(f"{'sparse' if r.gated else 'dense'}: head", justify="left")
+        heads.add_column("|score|", justify="right")
+    for i in range(max(len(r.top_heads) for r in results)):
+        cells = []
+        for r in results:
+            if i < len(r.top_heads):
+                h = r.top_heads[i]
+                cells += [h.name + (" *" if h.in_circuit else ""), f"{h.score:.3g}"]
+            else:
+                cells += ["", ""]
+        heads.add_row(*cells)
+    console.print(heads)
+    if run.model.gated:
+        from rich.markup import escape
+
+        console.print(f"[dim]sparse: {escape(GATES_NOTE)}. Attention pairs: (query, key) pairs a head can read "
+                      "per prompt (open gates; every causal pair when dense).[/dim]")
+
+
+def _needed(summary: dict, what: str) -> str:
+    total = summary["total_edges"] if what == "edges" else summary["total_nodes"]
+    if summary["reached"]:
+        return f"{summary[f'{what}_needed']:,} / {total:,}"
+    best = summary["best"]
+    return f"not reached (best F {best['faithfulness']:.3f} at {best[what]:,})"
+
+
+def _ratio_text(top, bottom) -> str:
+    if top is None or bottom is None:
+        return "-"
+    return f"{top / bottom:.1f}x" if bottom else "inf"
