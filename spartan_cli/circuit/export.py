@@ -108,7 +108,8 @@ def _dot_id(name: str) -> str:
 
 def dot_text(graph, *, title: str = "circuit") -> str:
     """DOT of the circuit: components ranked by layer (input at the bottom, logits on top), one edge per
-    head input it feeds (label q/k/v), colour by sign of the score, pen width by |score|."""
+    head input it feeds (label q/k/v), pen width by |score|; blue where corrupting the edge lowers the
+    metric (score < 0: it carries the clean behaviour), red where it raises it."""
     nodes = [n for n in graph.nodes() if n.in_graph]
     edges = graph.edges(in_graph_only=True)
     peak = max((abs(e.score) for e in edges), default=1.0) or 1.0
@@ -125,7 +126,7 @@ def dot_text(graph, *, title: str = "circuit") -> str:
     for _, names in sorted(ranks.items()):
         lines.append("  { rank=same; " + " ".join(_dot_id(x) for x in names) + " }")
     for e in edges:
-        colour = "#1f77b4" if e.score >= 0 else "#d62728"
+        colour = "#1f77b4" if e.score <= 0 else "#d62728"
         width = 0.5 + 3.5 * abs(e.score) / peak
         label = f", label={_dot_id(e.qkv)}" if e.qkv else ""
         lines.append(f"  {_dot_id(e.parent)} -> {_dot_id(e.child)} [color={_dot_id(colour)}, "
@@ -191,8 +192,9 @@ def layout(graph) -> dict[str, tuple[float, float]]:
 
 def plot_circuit(graph, path, *, title: str = "circuit") -> Path:
     """The circuit drawn with matplotlib (no graphviz): kept nodes dark, others faint; one line per kept
-    edge, coloured by the head input it feeds (q/k/v, grey for MLP and logits inputs), solid for positive
-    and dashed for negative scores, width by |score|."""
+    edge, coloured by the head input it feeds (q/k/v, grey for MLP and logits inputs), width by |score|.
+    Scores estimate m(edge corrupted) - m(clean): edges carrying the clean behaviour score < 0 and are
+    drawn solid; dotted edges are those whose corruption raises the metric."""
     from matplotlib.collections import LineCollection
 
     from spartan_cli.plots import _figure, _save
@@ -204,9 +206,9 @@ def plot_circuit(graph, path, *, title: str = "circuit") -> Path:
     width = max(6.0, 0.55 * graph.n_heads + 3.0)
     fig = _figure(min(width, 24.0), min(max(4.0, 0.9 * graph.n_layers + 2.0), 30.0))
     ax = fig.add_subplot()
-    for sign, style in ((1, "solid"), (-1, "dashed")):
+    for sign, style in ((-1, "solid"), (1, "dotted")):
         for qkv, colour in QKV_COLOURS.items():
-            chosen = [e for e in edges if (e.qkv or "") == qkv and (e.score >= 0) == (sign > 0)]
+            chosen = [e for e in edges if (e.qkv or "") == qkv and (e.score > 0) == (sign > 0)]
             if not chosen:
                 continue
             segments = [(pos[e.parent], _port(pos[e.child], e.qkv)) for e in chosen]
@@ -224,7 +226,7 @@ def plot_circuit(graph, path, *, title: str = "circuit") -> Path:
                         color="black" if n.in_graph else "#aaaaaa", zorder=3)
     for qkv, colour in QKV_COLOURS.items():
         ax.plot([], [], color=colour, label=qkv or "mlp/logits")
-    ax.plot([], [], color="black", ls="dashed", label="negative score")
+    ax.plot([], [], color="black", ls="dotted", label="corrupting it raises\nthe metric")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title(f"{title}\n{graph.n_edges} edges, {graph.n_nodes} nodes", fontsize=9)
     ax.set_axis_off()
