@@ -467,7 +467,6 @@ def circuit_run(cfg: CircuitConfig, *, on_progress: Callable | None = None) -> C
     if cfg.compare_base and base_name is None:
         raise ConfigError(f"{cfg.model!r} is a plain model with no base model to compare with; pass --baseline "
                           "MODEL or drop --compare-base")
-    task.contrast(subject.tokenizer, n=cfg.n_examples, seed=cfg.seed)  # a task the tokenizer cannot express fails now
     result = find_circuit(subject.model, subject.tokenizer, cfg, task=task, name=cfg.model, on_progress=on_progress)
     base = None
     if base_name is not None:

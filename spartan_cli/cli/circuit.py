@@ -14,7 +14,8 @@ SELECTION_CHOICES = ("greedy", "topn")
 
 @click.command("circuit")
 @click.argument("model")
-@click.option("--task", default=None, help=f"Task: {', '.join(task_names())}, custom:FILE.jsonl [built-in addition: addition].")
+@click.option("--task", default=None, help=f"Task: {', '.join(n for n in task_names() if n != 'custom')}, "
+              "custom:FILE (.jsonl, EAP-IG .csv, auto-circuit .json) [built-in addition: addition].")
 @click.option("--method", type=click.Choice(METHOD_CHOICES), default="eap-ig", show_default=True,
               help="Edge attribution: EAP (one backward), EAP-IG on the inputs, or exact (one patched run per "
               "edge: small models only; sees gate switching that gradients miss).")
