@@ -11,9 +11,10 @@ function per head (CIRCUITS.md §3.1, "HF GPT-2 specifics"):
    bias is added once, outside every head.
 4. The MLP reads its own residual copy (batch, pos, 1, d_model) and its output is a source; the final
    norm's input is the ``logits`` destination.
-A ``Tap`` sees every source output and every destination input in forward order and may replace them;
-attribution and edge patching are taps. Nothing else changes: on exit the original forwards, the
-training flag, ``requires_grad`` of every parameter and any GQA flags are restored, also on error.
+A ``Tap`` sees every source output and every destination input in forward order and may replace them,
+and runs each layer's attention call (``Tap.attend``); attribution and edge patching are taps. Nothing
+else changes: on exit the original forwards, the training flag, ``requires_grad`` of every parameter and
+any GQA flags are restored, also on error.
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ class Tap:
 
     def destination(self, start: int, x: torch.Tensor) -> torch.Tensor:
         return x
+
+    def attend(self, layer: int, attention: Callable, module, q, k, v, mask, **kwargs) -> torch.Tensor:
+        """Layer ``layer``'s attention: q, k, v (batch, n_heads, pos, d_head) after rotary, one k/v per query
+        head -> z (batch, pos, n_heads, d_head). ``attention`` is the model's own function (dense, sdpa or
+        the gated one) and ``module`` its attention module; token-level patching replaces this call."""
+        return attention(module, q, k, v, mask, **kwargs)[0]
 
 
 @dataclass
@@ -112,7 +119,7 @@ def _block_forward(wiring: Wiring, parts: BlockParts, layer: int, signature: ins
             q, k = parts.rotary(q, k, cos, sin)
 
         # 3. the model's attention function, then per-head outputs
-        z, _ = attention(parts.attn, q, k, v, mask, dropout=0.0, scaling=parts.attn.scaling, **extra)
+        z = tap.attend(layer, attention, parts.attn, q, k, v, mask, dropout=0.0, scaling=parts.attn.scaling, **extra)
         heads = torch.einsum("bthe,hed->bthd", z.reshape(B, T, H, -1), parts.w_o)  # (batch, pos, n_heads, d_model)
         heads = tap.source(head_src, heads)
         attn_out = heads.sum(dim=2)
