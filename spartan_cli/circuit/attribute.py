@@ -18,6 +18,7 @@ Per chunk of rows (sized so the delta buffer (n_sources, rows, pos, d_model) fit
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -79,6 +80,47 @@ class _Gradients(Tap):
         return x
 
 
+class _ReadRows(torch.autograd.Function):
+    """Identity on the logits (batch, pos, vocab) whose backward unembeds only the positions with a nonzero
+    gradient: a metric reads a few positions, and the rest would cost a (pos, vocab) x (vocab, d_model)
+    matmul of zeros. Exact: a zero row of dM/dlogits gives a zero row of dM/dhidden."""
+
+    @staticmethod
+    def forward(ctx, hidden, logits, weight):  # hidden (..., d_model), logits (..., vocab), weight (vocab, d_model)
+        ctx.save_for_backward(weight)
+        ctx.hidden_shape = hidden.shape
+        return logits.view_as(logits)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        flat = grad.reshape(-1, grad.shape[-1])  # (batch * pos, vocab)
+        rows = flat.ne(0).any(dim=1).nonzero().squeeze(1)  # positions the metric read (NaN counts as read)
+        out = grad.new_zeros(flat.shape[0], weight.shape[1])  # (batch * pos, d_model)
+        out.index_copy_(0, rows, flat.index_select(0, rows) @ weight)
+        return out.view(ctx.hidden_shape), None, None
+
+
+@contextmanager
+def _unembedding_backward_on_read_rows(model):
+    """While active, the model's linear unembedding passes gradients through ``_ReadRows``."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        yield
+        return
+
+    def hook(module, args, logits):
+        if not torch.is_grad_enabled() or not args[0].requires_grad:
+            return logits
+        return _ReadRows.apply(args[0], logits.detach(), module.weight)
+
+    handle = head.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def _gradient_scores(model, batches, *, metric, graph, ig_steps, max_delta_mb, on_step, method) -> Graph:
     from spartan_cli.models import model_shape
 
@@ -86,14 +128,14 @@ def _gradient_scores(model, batches, *, metric, graph, ig_steps, max_delta_mb, o
     d_model = model_shape(model).d_model
     scores = torch.zeros(graph.n_forward, graph.n_backward, dtype=torch.float32, device=param.device)
     examples = 0
-    with wired(model, graph) as wiring:
+    with wired(model, graph) as wiring, _unembedding_backward_on_read_rows(model):
         for batch in chunks(batches, n_sources=graph.n_forward, d_model=d_model, max_delta_mb=max_delta_mb,
                             dtype=param.dtype):
             rows, pos = batch.clean.shape
             mask = None if batch.attention_mask is None else batch.attention_mask.to(param.device)
             delta = torch.empty(graph.n_forward, rows, pos, d_model, dtype=param.dtype, device=param.device)
-            with torch.no_grad():
-                wiring.run(batch.corrupted.to(param.device), attention_mask=mask, tap=Record(delta), logits_to_keep=1)
+            with torch.no_grad():  # sources only: the corrupted logits go unread
+                wiring.record(batch.corrupted.to(param.device), attention_mask=mask, tap=Record(delta))
             e_corr = delta[0].clone()  # (rows, pos, d_model)
             for k in range(ig_steps, 0, -1):
                 alpha = k / ig_steps

@@ -73,6 +73,15 @@ class Wiring:
         finally:
             self.tap = Tap()
 
+    def record(self, input_ids: torch.Tensor, *, tap: Tap, attention_mask: torch.Tensor | None = None) -> None:
+        """One forward for ``tap`` alone: the base model up to the final norm, no unembedding (a run whose
+        logits go unread, e.g. the corrupted run of attribution, skips the vocabulary-sized matmul)."""
+        self.tap = tap
+        try:
+            self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        finally:
+            self.tap = Tap()
+
 
 def _interface(attn) -> Callable:
     """The attention function the model is configured with (as its own attention module would pick it)."""
