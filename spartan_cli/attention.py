@@ -71,7 +71,9 @@ def allowed_mask(attention_mask: torch.Tensor | None, q_len: int, k_len: int, de
 def gated_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The attention function transformers calls: query (batch, n_heads, q, d_head), key/value
     (batch, n_kv_heads, k, d_head). Returns (output (batch, q, n_heads, d_head), A (batch, n_heads, q, k))."""
-    state: GateState = getattr(module, STATE_ATTR)
+    state: GateState | None = getattr(module, STATE_ATTR, None)
+    if state is None:  # loaded by plain from_pretrained (an `export --format hf` directory): no attach_gates call
+        state = state_from_config(module, query.shape[1])
     n_heads, n_kv = query.shape[1], key.shape[1]
     if n_kv != n_heads:  # grouped-query attention: gates are per query head
         key = key.repeat_interleave(n_heads // n_kv, dim=1)
@@ -116,6 +118,22 @@ def gated_attention_forward(module, query, key, value, attention_mask, scaling=N
         weights = torch.nn.functional.dropout(weights, p=dropout, training=True)
     output = torch.matmul(weights, value)  # (batch, n_heads, q, d_head)
     return output.transpose(1, 2).contiguous(), weights
+
+
+def state_from_config(module, n_heads: int) -> GateState:
+    """The GateState of an attention module whose model was loaded without ``attach_gates``: the gate
+    config from ``config.spartan_gate`` (written by attach_gates), deterministic gates 1[g > 0] even in
+    training mode (no sampling without spartan's trainer). Built on the first forward and kept on the module."""
+    from spartan_cli.errors import ModelError
+
+    gate = getattr(getattr(module, "config", None), "spartan_gate", None)
+    if gate is None:
+        raise ModelError(f"{type(module).__name__} runs attn_implementation {ATTN_IMPLEMENTATION!r} but its config "
+                         "has no spartan_gate; export the model with `spartan export --format hf` or call attach_gates")
+    state = GateState(cfg=GateConfig.from_dict(gate), layer=int(getattr(module, "layer_idx", 0) or 0),
+                      n_heads=n_heads, stochastic=False)
+    setattr(module, STATE_ATTR, state)
+    return state
 
 
 def register() -> None:

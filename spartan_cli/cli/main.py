@@ -20,6 +20,7 @@ COMMANDS = {
     "evaluate": ("spartan_cli.cli.evaluate", "CE, perplexity and task metrics of a checkpoint beside its base model."),
     "density": ("spartan_cli.cli.density", "Attention density per layer/head, keys read per query, pictures."),
     "circuit": ("spartan_cli.cli.circuit", "A task's circuit by edge attribution and patching; dense vs sparse side by side."),
+    "export": ("spartan_cli.cli.export", "Write a checkpoint (hf, dense-hf, masks) or a circuit (graphml, dot, json, png, svg) for other tools."),
 }
 
 
