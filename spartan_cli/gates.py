@@ -28,9 +28,12 @@ class GateKind:
     def logits(self, scores: torch.Tensor, bias: float) -> torch.Tensor:
         return scores + bias  # (batch, n_heads, q_pos, k_pos), fp32
 
-    def sample(self, g: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Hard Bernoulli(sigmoid(g)) sample with a straight-through sigmoid(g + l) gradient."""
-        u = torch.rand(g.shape, device=g.device, dtype=g.dtype, generator=generator)
+    def sample(self, g: torch.Tensor, *, generator=None) -> torch.Tensor:
+        """Hard Bernoulli(sigmoid(g)) sample with a straight-through sigmoid(g + l) gradient.
+
+        ``generator``: one torch.Generator for the whole tensor, or a sequence of them, one per batch row
+        (the noise of a row then depends only on its own generator: distributed.py, step 2)."""
+        u = uniform(g, generator)  # (batch, n_heads, q_pos, k_pos)
         u = u.clamp(1e-6, 1.0 - 1e-6)
         noisy = g + (torch.log(u) - torch.log1p(-u))  # g + logistic noise
         soft = torch.sigmoid(noisy)
@@ -42,6 +45,15 @@ class GateKind:
 
     def open_probability(self, g: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(g)
+
+
+def uniform(like: torch.Tensor, generator=None) -> torch.Tensor:
+    """U(0, 1) noise shaped like ``like`` from one generator, or row by row from one generator per row."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.rand(like.shape, device=like.device, dtype=like.dtype, generator=generator)
+    assert len(generator) == like.shape[0], (len(generator), like.shape)
+    return torch.stack([torch.rand(like.shape[1:], device=like.device, dtype=like.dtype, generator=gen)
+                        for gen in generator])
 
 
 GATE_KINDS: dict[str, GateKind] = {

@@ -6,6 +6,8 @@ This is what ``spartan sparsify`` calls (and ``spartan_cli.sparsify_run`` from P
 3. Attach gates, train with GECO, save resumable checkpoints on the way and when stopped.
 4. Measure the final held-out CE and density (deterministic gates) and the task metrics of
    built-in models; write the final checkpoint with them in spartan.json.
+Under torchrun / accelerate launch every rank runs this; only rank 0 writes files and reports progress
+(distributed.py).
 """
 
 from __future__ import annotations
@@ -130,15 +132,21 @@ def run_sparsify(
 ) -> RunResult:
     import yaml
 
-    from spartan_cli import checkpoint
+    from spartan_cli import checkpoint, distributed
     from spartan_cli.attention import attach_gates
     from spartan_cli.models import load_model
     from spartan_cli.train import SparsifyConfig, resolve_device, sparsify
 
-    say = on_event or (lambda msg: log.info(msg))
     out = Path(cfg.out)
     check_out_dir(out, overwrite=overwrite, resume=resume)
     device = resolve_device(cfg.train.device)
+    world = distributed.init_from_env(device.type)
+    distributed.check_batch(cfg.train.batch_size, world)  # before any loading
+    distributed.barrier(world)  # every rank has checked --out before rank 0 writes into it
+    main = world.is_main
+    say = (on_event or (lambda msg: log.info(msg))) if main else (lambda msg: None)
+    if not main:
+        on_step = None
 
     state = None
     if resume:
@@ -158,24 +166,29 @@ def run_sparsify(
     splits = _load_data(cfg, tokenizer, model)
     say(f"data: {len(splits.train)} training blocks, {len(splits.heldout)} held-out blocks of {splits.train.seq_len} tokens")
 
-    out.mkdir(parents=True, exist_ok=True)
     log_path = out / checkpoint.TRAIN_LOG
-    if resume and log_path.exists():  # drop lines written after the checkpoint we resume from
-        kept = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= state.step]
-        checkpoint.atomic_write_text(log_path, "".join(ln + "\n" for ln in kept))
-    elif log_path.exists():
-        log_path.unlink()
+    if main:  # rank 0 owns the directory
+        out.mkdir(parents=True, exist_ok=True)
+        if resume and log_path.exists():  # drop lines written after the checkpoint we resume from
+            kept = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= state.step]
+            checkpoint.atomic_write_text(log_path, "".join(ln + "\n" for ln in kept))
+        elif log_path.exists():
+            log_path.unlink()
     run_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     base_meta = {"base_model": source, "base_model_name": cfg.model, "gate": cfg.gate.to_dict(),
                  "geco": cfg.geco.to_dict(), "train": cfg.train.to_dict(), "data": cfg.data, "command": command}
 
     def log_step(rec):
+        if not main:
+            return
         with open(log_path, "a") as f:
             f.write(json.dumps(dataclasses.asdict(rec)) + "\n")
         if on_step is not None:
             on_step(rec)
 
     def save_state(st, final: dict | None = None):
+        if not main:  # rank 0 writes every checkpoint
+            return
         meta = {**base_meta, "target_loss": st.tau, "base_ce": st.base_ce, "step": st.step,
                 "step0_density": st.step0_density, "final": final}
         checkpoint.save(out, model, tokenizer, meta=meta, run_config_yaml=run_yaml, trainer_state=st)
@@ -194,9 +207,10 @@ def run_sparsify(
         "tokens_per_s": result.tokens_per_s, "elapsed_s": result.elapsed_s,
         "density_per_head": result.density_per_head,
     }
-    if not result.interrupted:
+    if not result.interrupted and main:
         say("measuring task metrics")
         summary.update(task_metrics(cfg.model, model))
     save_state(final_state, final=summary)
+    distributed.barrier(world)  # the final checkpoint is written before any rank returns
     return RunResult(summary=summary, out=out, interrupted=result.interrupted)
 

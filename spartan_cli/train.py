@@ -7,6 +7,8 @@
 3. After each step the multiplier follows geco.geco_update from the step's CE (plain log-space ascent).
 4. Periodically: held-out CE and density with deterministic gates; a resumable TrainerState is handed to
    ``on_checkpoint``. ``should_stop`` (e.g. a signal) ends the run after a complete step, with a state.
+5. In a process group (torchrun / accelerate launch), each rank computes its slice of every global
+   micro-batch, with gate noise seeded per global row; see distributed.py for what is synchronised.
 The trainer touches no files: the caller persists states and logs.
 """
 
@@ -21,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from spartan_cli import distributed
 from spartan_cli.attention import gate_states
 from spartan_cli.blocks import Splits
 from spartan_cli.config import GateConfig, GecoConfig, TrainConfig
@@ -69,7 +72,7 @@ class TrainerState:
     base_ce: float
     step0_density: float
     optimizer: dict
-    rng: dict  # torch / cuda / gate-noise generator states
+    rng: dict  # torch / cuda generator states (gate noise is reseeded per row and micro-batch)
     tokens_seen: int = 0
     elapsed_s: float = 0.0
     bad_steps: int = 0
@@ -151,16 +154,15 @@ def _micro_batch(n_blocks: int, batch_size: int, index: int, seed: int) -> torch
     return perm[k * batch_size:(k + 1) * batch_size]
 
 
-def _rng_state(gen: torch.Generator) -> dict:
-    state = {"torch": torch.get_rng_state(), "gate": gen.get_state()}
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def _set_rng_state(gen: torch.Generator, state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    gen.set_state(state["gate"])
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])  # a "gate" entry of older states is not needed: noise is reseeded per row
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
@@ -181,9 +183,11 @@ def sparsify(
     amp_dtype = resolve_dtype(tc.dtype, device)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype != torch.float32 else None
     states = gate_states(model)
-    gen = torch.Generator(device=device).manual_seed(tc.seed)
+    world = distributed.current()
+    local_bs = distributed.check_batch(tc.batch_size, world)
+    row_gens = [torch.Generator(device=device) for _ in range(local_bs)]  # gate noise, one stream per row
     for s in states:
-        s.generator = gen
+        s.generator = row_gens
     eval_bs = max(tc.batch_size, 8)
 
     if resume is None:
@@ -199,11 +203,12 @@ def sparsify(
         state = resume
 
     params = trainable_parameters(model, tc.trainable)
+    step_model = distributed.wrap(model, world)  # DDP averages gradients across ranks; model itself when alone
     # fused: one kernel over all parameters (the per-tensor loop took ~10 s a step for a 135M model on CPU)
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.95), fused=True)
     if resume is not None:
         opt.load_state_dict(resume.optimizer)
-        _set_rng_state(gen, resume.rng)
+        _set_rng_state(resume.rng)
 
     n_train = len(data.train)
     tokens_per_step = tc.batch_size * tc.grad_accum * data.train.seq_len
@@ -214,15 +219,15 @@ def sparsify(
     def snapshot() -> TrainerState:
         state.geco = geco
         state.optimizer = opt.state_dict()
-        state.rng = _rng_state(gen)
+        state.rng = _rng_state()
         state.elapsed_s = time.perf_counter() - t_start
         return state
 
     model.train()
     with no_dropout(model), recording(model):
         while state.step < tc.steps:
-            if should_stop is not None and should_stop():
-                interrupted = True
+            if should_stop is not None and distributed.any_across(should_stop(), world, device):
+                interrupted = True  # every rank stops after the same step
                 break
             step = state.step
             for group in opt.param_groups:
@@ -230,22 +235,36 @@ def sparsify(
             ce_sum, reg_sum, open_sum, allowed_sum = 0.0, 0.0, 0, 0
             finite = True
             for a in range(tc.grad_accum):
-                rows = _micro_batch(n_train, tc.batch_size, step * tc.grad_accum + a, tc.seed)
-                ids = data.train.input_ids[rows].to(device)
+                index = step * tc.grad_accum + a  # global micro-batch number
+                rows = distributed.local_rows(_micro_batch(n_train, tc.batch_size, index, tc.seed), world)
+                for r, gen in enumerate(row_gens):  # noise keyed by the global row, not by the rank holding it
+                    gen.manual_seed(distributed.row_seed(tc.seed, index, world.rank * local_bs + r))
+                ids = data.train.input_ids[rows].to(device)  # (local batch, pos)
                 labels = data.train.labels[rows].to(device)
-                with autocast() if autocast else nullcontext():
-                    out = model(input_ids=ids, labels=labels)
-                ce = out.loss.float()  # mean over scored tokens
-                reg = torch.stack([s.stats.density_term.mean() for s in states]).mean()  # R in [0, 1]
-                loss = (ce + geco.beta * reg) / tc.grad_accum
-                if not torch.isfinite(loss):
-                    finite = False
-                    break
-                loss.backward()
-                ce_sum += float(ce.detach())
-                reg_sum += float(reg.detach())
-                open_sum += int(sum(int(s.stats.open_pairs.sum()) for s in states))
-                allowed_sum += int(states[0].stats.allowed_pairs.sum()) * len(states) * states[0].n_heads
+                last = a == tc.grad_accum - 1  # DDP all-reduces gradients on the last micro-batch only
+                with step_model.no_sync() if world.distributed and not last else nullcontext():
+                    with autocast() if autocast else nullcontext():
+                        out = step_model(input_ids=ids, labels=labels)
+                    ce = out.loss.float()  # mean over this rank's scored tokens
+                    reg = torch.stack([s.stats.density_term.mean() for s in states]).mean()  # R in [0, 1]
+                    n_tok = (labels[:, 1:] != -100).sum()  # scored tokens here (the model shifts labels)
+                    bad = ~torch.isfinite(ce.detach() + geco.beta * reg.detach())
+                    opened = torch.stack([s.stats.open_pairs.sum() for s in states]).sum()
+                    allowed = states[0].stats.allowed_pairs.sum() * len(states) * states[0].n_heads
+                    # (CE * tokens, tokens, R, non-finite, open, allowed) summed over ranks, fp64: exact counts
+                    tot = distributed.sum_across(torch.stack([ce.detach().double() * n_tok, n_tok.double(),
+                                                              reg.detach().double(), bad.double(),
+                                                              opened.double(), allowed.double()]), world)
+                    if tot[3] > 0:  # every rank sees the same flag and skips together
+                        finite = False
+                        break
+                    share = (n_tok * world.size / tot[1]).to(ce.dtype)  # 1 alone; DDP's rank mean: global CE
+                    loss = (ce * share + geco.beta * reg) / tc.grad_accum
+                    loss.backward()
+                ce_sum += float(tot[0] / tot[1])
+                reg_sum += float(tot[2]) / world.size
+                open_sum += int(tot[4])
+                allowed_sum += int(tot[5])
             if finite:  # one total norm both clips and tells whether any gradient is inf/nan
                 total_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip or float("inf"))
                 finite = bool(torch.isfinite(total_norm))
@@ -289,6 +308,8 @@ def sparsify(
             if on_checkpoint is not None and tc.checkpoint_every and state.step % tc.checkpoint_every == 0 and not done:
                 on_checkpoint(snapshot())
     model.eval()
+    for s in states:
+        s.generator = None  # the row streams fit this run's batch only
     final = measure(model, data.heldout, batch_size=eval_bs)
     snap = snapshot()
     result = SparsifyResult(

@@ -81,6 +81,10 @@ def command(ctx, model, out, config_file, resume, overwrite, trust_remote_code, 
     if trust_remote_code:
         merged["trust_remote_code"] = True
     cfg = RunConfig.from_dict(merged)
+    from spartan_cli.distributed import env_world
+
+    reporting = env_world().is_main  # under torchrun / accelerate launch, rank 0 alone reports
+    quiet = quiet or not reporting
 
     stop = {"signal": None}
 
@@ -98,6 +102,8 @@ def command(ctx, model, out, config_file, resume, overwrite, trust_remote_code, 
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+    if not reporting:
+        return 128 + int(stop["signal"] or signal.SIGTERM) if result.interrupted else 0
     if result.interrupted:
         click.echo(f"interrupted at step {result.summary['steps']}: checkpoint saved in {result.out}; continue with "
                    f"`spartan sparsify {cfg.model} --out {result.out} --resume`", err=True)

@@ -1,0 +1,126 @@
+"""Data-parallel sparsify: a run's numbers do not depend on how many processes compute them.
+
+Fast checks of the two rules that make that true (rows sliced from one global batch; gate noise per global
+row), and a slow end-to-end check: two gloo processes on CPU under torchrun, stopped and resumed halfway,
+against one process with the same global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from spartan_cli import distributed
+from spartan_cli.errors import ConfigError
+from spartan_cli.gates import gate_kind
+
+
+def test_local_rows_partition_the_global_batch():
+    rows = torch.arange(10, 22)  # a global micro-batch of 12 rows
+    parts = [distributed.local_rows(rows, distributed.World(rank=r, size=3)) for r in range(3)]
+    assert torch.equal(torch.cat(parts), rows)
+    with pytest.raises(ConfigError, match="multiple of 5"):
+        distributed.check_batch(12, distributed.World(rank=0, size=5))
+
+
+def _row_gens(seed: int, index: int, rows: range):
+    return [torch.Generator().manual_seed(distributed.row_seed(seed, index, r)) for r in rows]
+
+
+def test_gate_noise_depends_on_the_global_row_not_on_the_split():
+    """Rows 0-3 sampled in one forward equal rows 0-1 and 2-3 sampled on two 'ranks', layer after layer."""
+    kind = gate_kind("paper")
+    g = torch.randn(2, 4, 3, 6, 6)  # (layers, batch, n_heads, q, k)
+    whole = _row_gens(0, 7, range(4))
+    halves = [_row_gens(0, 7, range(0, 2)), _row_gens(0, 7, range(2, 4))]
+    for layer in range(2):  # each layer draws the next noise of every row's own stream
+        one = kind.sample(g[layer], generator=whole)
+        two = torch.cat([kind.sample(g[layer, :2], generator=halves[0]), kind.sample(g[layer, 2:], generator=halves[1])])
+        assert torch.equal(one, two)
+    assert not torch.equal(kind.sample(g[0], generator=_row_gens(0, 8, range(4))), kind.sample(g[0], generator=_row_gens(0, 7, range(4))))
+    # each row's samples are Bernoulli(sigmoid(g)): the mean over many rows approaches sigmoid(g)
+    big = torch.zeros(4000, 1, 1, 1) + 0.7
+    mean = kind.sample(big, generator=_row_gens(1, 0, range(4000))).mean()
+    assert abs(float(mean) - float(torch.sigmoid(torch.tensor(0.7)))) < 0.03
+
+
+def test_single_process_world_needs_no_process_group(monkeypatch):
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    assert distributed.init_from_env("cpu") == distributed.SINGLE
+    t = torch.tensor([1.0, 2.0])
+    assert distributed.sum_across(t, distributed.SINGLE) is t
+    assert distributed.wrap(torch.nn.Linear(2, 2), distributed.SINGLE).__class__ is torch.nn.Linear
+
+
+# ------------------------------------------------------------------------------------------ end to end
+RUN_YAML = """\
+gate: {bias: 0.0}
+geco: {settle_fraction: 0.0, warmup_steps: 0, rate: 2.0, max_log_step: 0.5, beta_init: 0.01}
+train: {schedule: constant, lr_warmup_steps: 0, lr: 0.003}
+"""
+
+
+def _args(model_dir, text_file, out, config, steps):
+    return ["sparsify", str(model_dir), "--data", str(text_file), "--out", str(out), "--config", str(config),
+            "--seq-len", "16", "--heldout-blocks", "4", "--batch-size", "4", "--grad-accum", "2",
+            "--steps", str(steps), "--log-every", "1", "--eval-every", "3", "--checkpoint-every", "3",
+            "--device", "cpu", "--seed", "3", "--json", "-q"]
+
+
+def _torchrun(args, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "spartan_cli.cli.main", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
+    return json.loads(done.stdout)  # rank 0 alone prints
+
+
+def _log(out):
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow  # two torchrun launches of two interpreters each (~30 s on 2 busy cores)
+def test_two_processes_with_a_resume_match_one_process(tiny_gpt2_dir, tiny_text_file, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from spartan_cli.cli.main import main
+
+    config = tmp_path / "run.yaml"
+    config.write_text(RUN_YAML)
+    one, two = tmp_path / "one", tmp_path / "two"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        main(_args(tiny_gpt2_dir, tiny_text_file, one, config, 6))
+    finally:
+        torch.set_num_threads(threads)
+    ref = json.loads(capsys.readouterr().out)
+
+    half = _torchrun(_args(tiny_gpt2_dir, tiny_text_file, two, config, 3), tmp_path)
+    assert half["steps"] == 3
+    full = _torchrun(_args(tiny_gpt2_dir, tiny_text_file, two, config, 6) + ["--resume"], tmp_path)
+    assert full["steps"] == 6 and ref["steps"] == 6
+
+    a, b = _log(one), _log(two)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 7))
+    assert a[-1]["beta"] != a[0]["beta"]  # the multiplier moved, so its synchronisation is tested
+    assert 0.05 < a[0]["density"] < 0.95 and a[-1]["density"] != a[0]["density"]  # gates half open and moving
+    for ra, rb in zip(a, b):
+        for key in ("ce", "reg", "density", "beta", "c_ma", "tau"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), (ra["step"], key, ra[key], rb[key])
+    for key in ("base_ce", "target_loss", "ce", "density", "beta", "step0_density"):
+        assert full[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), key
+    wa, wb = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    start = load_file(str(tiny_gpt2_dir / "model.safetensors"))
+    moved = max(float((wa[k] - start[k]).abs().max()) for k in wa if k in start)
+    diff = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+    assert moved > 1e-3 and diff < 1e-4 * max(moved, 1.0), (moved, diff)
+    assert not list(two.glob(".staging-*"))  # rank 0 alone wrote, and finished
