@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from spartan_cli.attention_chunked import chunked_attention, rows_per_chunk
-from spartan_cli.attention_fused import Gating, Masks, fused_attention
 from spartan_cli.config import GateConfig
 from spartan_cli.gates import gate_kind
 
@@ -83,31 +81,13 @@ def gated_attention_forward(module, query, key, value, attention_mask, scaling=N
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     q_len, k_len = query.shape[2], key.shape[2]
-    allowed = allowed_mask(attention_mask, q_len, k_len, query.device)  # (batch|1, 1, q, k) bool
-    dropout = dropout if module.training else 0.0
-    path = ATTENTION_PATHS[choose_path(state, query.shape, k_len, dropout=dropout)]
-    return path(module, state, query, key, value, allowed, scaling, dropout)
 
-
-def choose_path(state: GateState, query_shape, k_len: int, *, dropout: float = 0.0) -> str:
-    """Which registered path computes a call: the autograd reference for attention dropout or gate kinds
-    without a hand-written path, the query-chunked path when the fp32 scores (batch, n_heads, q, k) would
-    exceed ``GateConfig.chunk_mb``, else the fused one. Every path computes the same maths."""
-    if dropout > 0.0 or state.cfg.kind not in FUSED_KINDS:
-        return "reference"
-    batch, n_heads, q_len = query_shape[:3]
-    scores_mb = 4 * batch * n_heads * q_len * k_len / 2**20
-    return "chunked" if scores_mb > state.cfg.chunk_mb else "fused"
-
-
-def reference_attention(module, state: GateState, query, key, value, allowed, scaling, dropout):
-    """The gated attention as a composition of torch ops, differentiated by autograd: the definition the
-    fused and chunked paths are tested against, and the path for attention dropout (training outside the
-    trainer, which turns dropout off) and for gate kinds without a hand-written backward."""
     with torch.autocast(device_type=query.device.type, enabled=False):  # gate maths stays fp32 under autocast
         scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling  # (batch, n_heads, q, k)
+    allowed = allowed_mask(attention_mask, q_len, k_len, query.device)  # (batch|1, 1, q, k) bool
     neg = torch.finfo(scores.dtype).min
     pattern = torch.softmax(scores.masked_fill(~allowed, neg), dim=-1)  # P, (batch, n_heads, q, k)
+
     kind = gate_kind(state.cfg.kind)
     g = kind.logits(scores, state.cfg.bias)  # (batch, n_heads, q, k) fp32
     if state.forced is not None:
@@ -134,59 +114,10 @@ def reference_attention(module, state: GateState, query, key, value, allowed, sc
         state.pattern = pattern.detach()
 
     weights = (pattern * gates).to(value.dtype)  # A = P * M, no renormalisation
-    if dropout > 0.0:
+    if dropout > 0.0 and module.training:
         weights = torch.nn.functional.dropout(weights, p=dropout, training=True)
     output = torch.matmul(weights, value)  # (batch, n_heads, q, d_head)
     return output.transpose(1, 2).contiguous(), weights
-
-
-def _gating(module, state: GateState, device) -> Gating:
-    forced = None
-    if state.forced is not None:
-        forced = state.forced.to(device)
-        if forced.dim() == 1:  # per head
-            forced = forced.view(1, -1, 1, 1)
-        forced = forced.to(torch.float32)
-    return Gating(bias=state.cfg.bias, sample=forced is None and module.training and state.stochastic,
-                  forced=forced, generator=state.generator, record=state.record,
-                  keep_logits=state.keep_gate_logits, keep_pattern=state.keep_pattern)
-
-
-def _kernel_path(chunked: bool):
-    """The fused (all query rows at once) or the query-chunked path, around the same block maths."""
-
-    def path(module, state: GateState, query, key, value, allowed, scaling, dropout):
-        gating = _gating(module, state, query.device)
-        masks = Masks.from_allowed(allowed)
-        with torch.autocast(device_type=query.device.type, enabled=False):
-            q, k = query.float(), key.float()  # (batch, n_heads, q|k, d_head) fp32
-        if chunked:
-            out, density, side = chunked_attention(q, k, value, masks, scaling, gating,
-                                                   chunk=rows_per_chunk(q, k, state.cfg.chunk_mb))
-        else:
-            out, density, side = fused_attention(q, k, value, masks, scaling, gating)
-        if state.record:
-            state.stats = GateStats(density_term=density, open_pairs=side["open_pairs"],
-                                    allowed_pairs=masks.n_allowed.expand(query.shape[0], 1))  # (batch, 1)
-        if state.keep_gate_logits:
-            state.gate_logits = side["gate_logits"]
-        if state.keep_pattern:
-            state.pattern = side["pattern"]
-        weights = side["weights"]  # A (batch, n_heads, q, k), no gradient; None from the chunked path
-        return out.transpose(1, 2).contiguous(), None if weights is None else weights.to(value.dtype)
-
-    return path
-
-
-# gate kinds the fused and chunked paths implement (their backward is written out for these kinds' maths)
-FUSED_KINDS = frozenset({"paper"})
-
-# name -> path(module, state, query, key, value, allowed, scaling, dropout) -> (output (batch, q, n_heads, d_v), A)
-ATTENTION_PATHS = {
-    "reference": reference_attention,
-    "fused": _kernel_path(chunked=False),
-    "chunked": _kernel_path(chunked=True),
-}
 
 
 def state_from_config(module, n_heads: int) -> GateState:
