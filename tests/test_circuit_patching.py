@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from spartan_cli.attention import attach_gates
-from spartan_cli.circuit import (ContrastBatch, Curve, CurvePoint, Graph, attribute, evaluate, faithfulness, select,
-                                 sweep, wired)
+from spartan_cli.circuit import (ContrastBatch, Curve, CurvePoint, Graph, Tap, attribute, evaluate, faithfulness,
+                                 select, sweep, wired)
 from spartan_cli.circuit.attribute import Record
 from spartan_cli.circuit.faithfulness import Patch
 from spartan_cli.config import GateConfig
@@ -156,3 +156,35 @@ def test_curve_reading_uses_the_running_maximum_and_mib_areas():
     assert flat.cpr() == pytest.approx(0.9) and flat.cmd() == pytest.approx(0.0)
     assert faithfulness(0.5, clean=2.0, corrupted=0.0) == 0.25
     assert math.isnan(faithfulness(1.0, clean=1.0, corrupted=1.0))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_unpatched_gradient_run_gives_every_copy_its_own_gradient(arch):
+    """A watched run that patches nothing norms the residual once (wiring's one-stream path); the gradient at
+    every slot and at the input must equal that of the per-copy path, taken when the tap hands back a copy."""
+    model = BUILDERS[arch]().double()
+    batch = _contrast(rows=3)
+
+    def gradients(copy: bool):
+        grads = {}
+
+        class Watch(Tap):
+            def source(self, start, out):
+                if start == 0:
+                    out = out.detach().requires_grad_(True)
+                    out.register_hook(lambda g: grads.__setitem__("input", g))
+                return out
+
+            def destination(self, start, x):
+                x.register_hook(lambda g: grads.__setitem__(start, g.contiguous()))
+                return x.clone() if copy else x
+
+        with wired(model) as wiring:
+            logit_difference(wiring.run(batch.clean, tap=Watch()), batch).backward()
+        return grads
+
+    one_stream, per_copy = gradients(False), gradients(True)
+    assert one_stream.keys() == per_copy.keys() and len(one_stream) == 2 * 2 + 2  # 2 layers x (qkv, mlp), logits, input
+    for key, g in per_copy.items():
+        assert g.abs().sum() > 0, key
+        torch.testing.assert_close(one_stream[key], g, rtol=1e-10, atol=1e-12)

@@ -83,6 +83,50 @@ class Wiring:
             self.tap = Tap()
 
 
+class _OneStreamHeadInputs(torch.autograd.Function):
+    """q, k, v (batch, pos, n_heads, d_head) of every head when all 3 * n_heads input copies x
+    (batch, pos, 3 * n_heads, d_model) are the residual stream itself (a run that watches gradients but
+    patches nothing). The forward norms and projects the stream once, with the values of the unwatched path;
+    the backward still gives every copy its own gradient: per-head projection gradients, then the norm's
+    backward batched over copies. That gradient is laid out slot-major (a permuted view of
+    (3 * n_heads, batch, pos, d_model)), so a tap contracting it per slot reads it without a copy."""
+
+    @staticmethod
+    def forward(ctx, x, norm, w_q, w_k, w_v):
+        stream = x[:, :, 0]  # (batch, pos, d_model)
+        ctx.norm = norm
+        ctx.save_for_backward(stream, w_q, w_k, w_v)
+        normed = norm(stream)
+        return tuple(torch.einsum("btd,hed->bthe", normed, w) for w in (w_q, w_k, w_v))
+
+    @staticmethod
+    def backward(ctx, *grads):  # each (batch, pos, n_heads, d_head)
+        stream, *weights = ctx.saved_tensors
+        (B, T, D), H = stream.shape, weights[0].shape[0]
+        g_normed = stream.new_empty(3, H, B * T, D)  # dM/d norm(copy), slot-major
+        for i, (g, w) in enumerate(zip(grads, weights)):
+            torch.bmm(g.reshape(B * T, H, -1).transpose(0, 1), w, out=g_normed[i])  # (H, BT, d_head) @ (H, d_head, D)
+        g_x = _norm_backward_per_copy(ctx.norm, stream, g_normed.view(3 * H, B, T, D))
+        return g_x.permute(1, 2, 0, 3), None, None, None, None
+
+
+def _norm_backward_per_copy(norm, stream: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """dM/d(copy) of ``norm`` applied to copies of ``stream`` (batch, pos, d_model), given dM/d norm(copy)
+    ``grad`` (copies, batch, pos, d_model). torch's LayerNorm uses its own backward kernel on a contiguous
+    stack of copies (3-4x faster than batching rules); any other norm (RMSNorm variants) maps the norm's
+    vector-Jacobian product over the copies."""
+    if type(norm) is torch.nn.LayerNorm:
+        shape = list(norm.normalized_shape)
+        _, mean, rstd = torch.ops.aten.native_layer_norm(stream, shape, norm.weight, norm.bias, norm.eps)
+        copies = grad.shape[:1] + stream.shape
+        stats = grad.shape[:1] + mean.shape
+        return torch.ops.aten.native_layer_norm_backward(
+            grad.contiguous(), stream.expand(copies).contiguous(), shape, mean.expand(stats).contiguous(),
+            rstd.expand(stats).contiguous(), norm.weight, norm.bias, [True, False, False])[0]
+    _, norm_vjp = torch.func.vjp(norm, stream)
+    return torch.vmap(norm_vjp)(grad)[0]
+
+
 def _interface(attn) -> Callable:
     """The attention function the model is configured with (as its own attention module would pick it)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -116,6 +160,8 @@ def _block_forward(wiring: Wiring, parts: BlockParts, layer: int, signature: ins
         if x is shared and not x.requires_grad:  # nothing patched or watched: norm once
             normed = parts.ln_attn(resid)  # (batch, pos, d_model)
             q, k, v = (torch.einsum("btd,hed->bthe", normed, w) for w in (parts.w_q, parts.w_k, parts.w_v))
+        elif x is shared:  # watched but not patched: norm once, still one gradient per copy
+            q, k, v = _OneStreamHeadInputs.apply(x, parts.ln_attn, parts.w_q, parts.w_k, parts.w_v)
         else:
             normed = parts.ln_attn(x).view(B, T, 3, H, D).unbind(dim=2)  # unbind: no zero-filled grads per slice
             q, k, v = (torch.einsum("bthd,hed->bthe", n, w)

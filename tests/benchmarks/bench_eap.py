@@ -4,15 +4,17 @@
 Run explicitly (marker ``benchmark``; off by default), or as a script:
     pytest -m benchmark tests/benchmarks/bench_eap.py -s
     python tests/benchmarks/bench_eap.py [--threads 2] [--rows 8] [--pos 16] [--method eap]
-EAP per batch = one corrupted forward (no grad, last position unembedded) + one wired clean forward with
+EAP per batch = one corrupted forward (no grad, no unembedding) + one wired clean forward with
 grad + one backward whose hooks add delta . gradient into the (sources x slots) score matrix. The reference
 is the model's own forward of the clean batch (no grad, every position's logits), as a user would run it.
-Times are medians of ``repeats`` runs after a warm-up.
+Times are medians of ``repeats`` runs after a warm-up, the forward and EAP timed in turns so that other
+jobs on shared cores slow both alike; the line ends with the load average.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -44,14 +46,18 @@ def logit_difference(logits, batch):
     return (last.gather(1, batch.answers[:, :1]) - last.gather(1, batch.answers[:, 1:])).mean()
 
 
-def _median_s(fn, repeats: int) -> float:
-    fn()  # warm-up: allocator, kernels, lazy imports
-    times = []
+def _median_s(fns, repeats: int) -> list[float]:
+    """Median wall time of each of ``fns``, timed in turns (f, g, f, g, ...) so a change of load on shared
+    cores falls on every function alike."""
+    for fn in fns:
+        fn()  # warm-up: allocator, kernels, lazy imports
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for fn, ts in zip(fns, times):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+    return [statistics.median(ts) for ts in times]
 
 
 def measure(*, rows: int = 8, pos: int = 16, method: str = "eap", ig_steps: int = 5, repeats: int = 3,
@@ -72,18 +78,18 @@ def measure(*, rows: int = 8, pos: int = 16, method: str = "eap", ig_steps: int 
         def eap():
             attribute(model, [batch], metric=logit_difference, method=method, ig_steps=ig_steps, graph=graph)
 
-        forward_s = _median_s(forward, repeats)
-        eap_s = _median_s(eap, repeats)
+        forward_s, eap_s = _median_s([forward, eap], repeats)
     finally:
         torch.set_num_threads(saved)
     return {"method": method, "rows": rows, "pos": pos, "threads": threads, "edges": graph.n_real_edges,
-            "forward_s": forward_s, "eap_s": eap_s, "ratio": eap_s / forward_s}
+            "forward_s": forward_s, "eap_s": eap_s, "ratio": eap_s / forward_s, "load": os.getloadavg()[0]}
 
 
 def _line(r: dict) -> str:
     return (f"{r['method']} on GPT-2-small shape ({r['edges']:,} edges), batch {r['rows']} x {r['pos']} tokens, "
             f"{r['threads']} thread(s): {r['method']} {r['eap_s'] * 1e3:.0f} ms, one clean forward "
-            f"{r['forward_s'] * 1e3:.0f} ms, ratio {r['ratio']:.2f}x (target <= 4x)")
+            f"{r['forward_s'] * 1e3:.0f} ms, ratio {r['ratio']:.2f}x (target <= 4x); "
+            f"load average {r['load']:.1f} on {os.cpu_count()} cores")
 
 
 @pytest.mark.benchmark
