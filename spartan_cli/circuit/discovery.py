@@ -17,6 +17,8 @@
    does, at the size with the best F. Heads are ranked by summed |score| of the edges into and out of them.
 6. Attention edges: on the clean prompts, the (query, key) pairs each circuit head can read: every causal
    pair in a dense model, the open gates in a gated one (token-level size of the circuit's attention).
+With ``level="token"`` steps 2-6 are token_discovery's: the graph's nodes are components at positions and
+its attention edges (query, key) pairs, each scored, patched and counted.
 ``circuit_run(cfg)`` loads the model (a spartan checkpoint or any model ``load_model`` takes), runs
 ``find_circuit`` on it and, with ``compare_base``, frees it, loads the checkpoint's base model and does
 the same on identical pairs, one model in memory at a time.
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 
 # what the CLI calls a method -> the attribution registry's name (attribute.METHODS)
 METHOD_NAMES = {"eap": "eap", "eap-ig": "eap-ig-inputs", "exact": "exact"}
+LEVELS = ("component", "token")  # graph granularity: find_circuit (below) or token_discovery.find_token_circuit
 GATES_NOTE = ("deterministic gates 1[g > 0] in attribution and patching; gates are recomputed from the patched "
               "q/k in every patched run; EAP gradients do not cross the gate threshold")
 
@@ -64,6 +67,7 @@ class CircuitConfig:
     top_heads: int = 10  # heads listed by summed |score|
     device: str = "auto"
     trust_remote_code: bool = False
+    level: str = "component"  # component (component graph, §3) | token (nodes at positions, §5; fixed-layout tasks)
 
     def __post_init__(self):
         from spartan_cli.circuit.attribute import METHODS
@@ -84,6 +88,11 @@ class CircuitConfig:
             raise ConfigError(f"n_examples must be >= 1, got {self.n_examples!r}")
         if not self.max_delta_mb > 0:
             raise ConfigError(f"max_delta_mb must be > 0, got {self.max_delta_mb!r}")
+        if self.level not in LEVELS:
+            raise ConfigError(f"level {self.level!r} is unknown; choose one of {', '.join(LEVELS)}")
+        if self.level == "token" and self.method == "exact":
+            raise ConfigError("method 'exact' is not available at token level (one patched run per token edge); "
+                              "use --method eap or eap-ig")
 
     @property
     def attribution(self) -> str:
@@ -246,7 +255,8 @@ class CircuitRun:
         """report.json's metrics: task, model, base, comparison."""
         comparison = None
         if self.base is not None:
-            comparison = {"edge_ratio": self.edge_ratio, "node_ratio": self.node_ratio,
+            comparison = {"level": self.config.get("level", "component"),
+                          "edge_ratio": self.edge_ratio, "node_ratio": self.node_ratio,
                           "both_reached": self.model.reached and self.base.reached,
                           "note": "ratio = base / model at the level; null when either does not reach it"}
         return {"task": self.task, "model": self.model.summary(),
@@ -373,6 +383,10 @@ def find_circuit(model, tokenizer, cfg: CircuitConfig, *, task=None, name: str |
         if cfg.task is None:
             raise ConfigError("no task to find a circuit for; pass --task (e.g. ioi, greater-than, addition)")
         task = get_task(cfg.task)
+    if cfg.level == "token":
+        from spartan_cli.circuit.token_discovery import find_token_circuit
+
+        return find_token_circuit(model, tokenizer, cfg, task=task, name=name, on_progress=on_progress)
     name = name or cfg.model
     say = on_progress or (lambda p: None)
     start = time.perf_counter()
@@ -463,6 +477,10 @@ def circuit_run(cfg: CircuitConfig, *, on_progress: Callable | None = None) -> C
     if task is None:
         raise ConfigError(f"{cfg.model!r} has no task of its own; pass --task (one of the registered tasks, "
                           "e.g. ioi, greater-than, addition, custom:FILE.jsonl)")
+    if cfg.level == "token":
+        from spartan_cli.circuit.token_discovery import check_layout
+
+        check_layout(task)  # before any attribution
     base_name = base_model_name(subject, cfg.baseline) if cfg.compare_base else None
     if cfg.compare_base and base_name is None:
         raise ConfigError(f"{cfg.model!r} is a plain model with no base model to compare with; pass --baseline "

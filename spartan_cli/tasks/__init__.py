@@ -128,6 +128,7 @@ class Task:
     metric_description: ClassVar[str] = ""
     default_n: ClassVar[int | None] = None  # prompts ``contrast`` builds when n is None (None: all there are)
     row_metrics: ClassVar[tuple[RowMetric, ...]] = ()  # what ``score`` reports, the first is ``metric_name``
+    fixed_layout: ClassVar[bool] = False  # position p plays one role in every prompt (token-level circuits need it)
 
     # --------------------------------------------------------------------------------- identity
     @property

@@ -39,6 +39,7 @@ class AdditionTask(Task):
                           "the two sums differ")
     default_n = 256
     row_metrics = (LOGIT_DIFF,)  # circuits only; ``score`` keeps exact match
+    fixed_layout = True  # aa+bb=ccccc: every prompt is a prefix of one layout
 
     def describe(self) -> dict:
         return {**super().describe(), "corruption": "b_units",

@@ -59,6 +59,7 @@ class GreaterThanTask(Task):
     metric_description = "sum p(yy > YY) - sum p(yy <= YY) over the tokens '00'..'99', last real position"
     default_n = 128
     row_metrics = (PROB_DIFF, ACCURACY, YEAR_PROB)
+    fixed_layout = True  # one template, single-token nouns: every prompt has the same positions
 
     def describe(self) -> dict:
         return {**super().describe(), "corruption": "01",

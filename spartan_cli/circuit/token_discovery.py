@@ -1,0 +1,259 @@
+"""Find a task's token-level circuit (``spartan circuit --level token``; CIRCUITS.md §5).
+
+``find_token_circuit(model, tokenizer, cfg, task=...)``:
+1. The task must declare a fixed layout (``Task.fixed_layout``: position p plays one role in every prompt,
+   as in ``addition`` and ``greater-than``); scores are then averaged over prompts per (edge, position).
+   Other tasks raise TaskError: averaging position 7 of one template with position 7 of another means nothing.
+2. Score every token edge (``token_patching.attribute_tokens``: EAP or EAP-IG per position, value and key
+   paths per (query, key) pair). A gated model's attention edges are the pairs whose deterministic gate
+   is open on the clean run of some prompt; a dense model's are every causal pair.
+3. Sweep circuit sizes over the log grid of the token edge count and refine between the sizes that bracket
+   ``cfg.faithfulness`` (as the component level does), each circuit selected (greedy from the logits, or
+   top-n, then pruned) and evaluated by patching per (edge, position) -> normalized faithfulness.
+4. The circuit is the smallest size whose running-max F reaches the level (else the best F). Reported
+   beside it: its component-level summary (an edge u -> v is in when some (u, t) -> (v, t) is, §5.2), its
+   attention edges by |score| with the share of prompts whose gate is open, and, per metric position, the
+   heads and attention edges on its paths into those logits.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+from spartan_cli.circuit.faithfulness import Curve, CurvePoint
+from spartan_cli.circuit.tokens import TokenGraph
+from spartan_cli.errors import ConfigError, TaskError
+
+TOKEN_NOTE = ("token level: nodes (component, position); residual edges at one position; attention edges key "
+              "position -> query position inside a head, only where the deterministic gate is open on the clean "
+              "run (gated) or every causal pair (dense); scores are means over prompts per (edge, position)")
+
+
+@dataclass(frozen=True)
+class TokenCircuitResult:
+    """The token-level circuit of one model (the same reading interface as discovery.CircuitResult)."""
+
+    name: str
+    gated: bool
+    graph: TokenGraph  # every token edge's score; ``in_graph`` = the chosen circuit
+    curve: Curve
+    refined: Curve
+    level: float
+    timing: dict
+    n_examples: int
+    top_heads: tuple = ()  # unused at token level (the component summary lists heads)
+    attention: None = None
+
+    kind = "token"
+
+    @property
+    def point(self) -> CurvePoint | None:
+        return self.refined.point_for(self.level)
+
+    @property
+    def best(self) -> CurvePoint:
+        ok = [p for p in self.refined.points if not math.isnan(p.faithfulness)]
+        return max(ok, key=lambda p: (p.faithfulness, -p.edges)) if ok else self.refined.points[-1]
+
+    @property
+    def reached(self) -> bool:
+        return self.point is not None
+
+    @property
+    def chosen(self) -> CurvePoint:
+        return self.point or self.best
+
+    def anatomy(self, *, top: int = 20) -> dict:
+        """The circuit read off: counts, its component summary, top attention edges, paths per metric position."""
+        g = self.graph
+        comp = g.component_circuit()
+        attn = [e for e in g.edges(in_graph_only=True, order="score") if e.type == "attn"]
+        share = g.open_share
+
+        def attn_rec(e):
+            rec = {"src": e.src, "dst": e.dst, "score": e.score}
+            if share is not None:
+                from spartan_cli.circuit.tokens import _parse
+
+                layer, head, _, j = _parse(e.src)
+                rec["open_share"] = float(share[layer, head, _parse(e.dst)[3], j])
+            return rec
+
+        return {
+            "token_edges": g.n_edges, "token_nodes": g.n_nodes,
+            "residual_edges": int(g.in_graph[:g.n_residual].sum()), "attention_edges": len(attn),
+            "attention_pairs": g.attention_pairs_in_circuit(),
+            "graph": {"token_edges": g.n_real_edges, "residual_edges": g.n_residual, "attention_edges": g.n_attn,
+                      "attention_pairs": int(g.attn_pairs.sum()), "positions": g.n_pos,
+                      "metric_positions": list(g.metric_positions)},
+            "component": {"edges": comp.n_edges, "nodes": comp.n_nodes, "total_edges": comp.n_real_edges,
+                          "heads": sorted(n.name for n in comp.nodes() if n.kind == "attn" and n.in_graph),
+                          "mlps": sorted(n.name for n in comp.nodes() if n.kind == "mlp" and n.in_graph)},
+            "top_attention_edges": [attn_rec(e) for e in attn[:top]],
+            "by_metric_position": paths_by_position(g),
+        }
+
+    def summary(self) -> dict:
+        point, best = self.point, self.best
+        return {
+            "name": self.name, "gated": self.gated, "level_kind": "token", "note": TOKEN_NOTE,
+            "gates": self.graph.meta.get("gate_policy"),
+            "method": self.graph.meta.get("method"), "ig_steps": self.graph.meta.get("ig_steps"),
+            "selection": self.curve.selection, "n_examples": self.n_examples,
+            "level": self.level, "reached": point is not None,
+            "edges_needed": None if point is None else point.edges,
+            "nodes_needed": None if point is None else point.nodes,
+            "faithfulness_at": None if point is None else point.faithfulness,
+            "circuit": asdict(self.chosen), "best": asdict(best),
+            "total_edges": self.curve.total_edges, "total_nodes": self.graph.n_nodes_total,
+            "baselines": {"clean": self.curve.clean, "corrupted": self.curve.corrupted},
+            "cpr": self.curve.cpr(), "cmd": self.curve.cmd(), "cpr_log": self.curve.cpr(log_x=True),
+            "anatomy": self.anatomy(),
+            "timing": dict(self.timing),
+            "curve": curve_rows(self),
+        }
+
+    def to_dict(self) -> dict:
+        g = self.graph.to_dict()
+        return {"summary": self.summary(), "cfg": g["cfg"], "nodes": g["nodes"], "edges": g["edges"],
+                "token_edges": g["token_edges"], "curve": curve_rows(self),
+                "baselines": {"clean": self.curve.clean, "corrupted": self.curve.corrupted}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TokenCircuitResult:
+        s = d["summary"]
+        graph = TokenGraph.from_dict({"schema_version": d.get("schema_version", 1), "cfg": d["cfg"],
+                                      "token_edges": d["token_edges"]})
+        points = [CurvePoint(p["requested"], p["edges"], p["nodes"], p["metric"],
+                             math.nan if p["faithfulness"] is None else p["faithfulness"]) for p in d["curve"]]
+        grid = tuple(p for p, row in zip(points, d["curve"]) if row["grid"])
+        clean, corrupted = d["baselines"]["clean"], d["baselines"]["corrupted"]
+        make = lambda pts: Curve(tuple(pts), clean, corrupted, s["total_edges"], s["selection"])  # noqa: E731
+        return cls(name=s["name"], gated=s["gated"], graph=graph, curve=make(grid), refined=make(points),
+                   level=s["level"], timing=dict(s["timing"]), n_examples=s["n_examples"])
+
+
+def curve_rows(result) -> list[dict]:
+    from spartan_cli.circuit.discovery import curve_rows as rows
+
+    return rows(result)
+
+
+def paths_by_position(graph: TokenGraph) -> dict[str, dict]:
+    """Per metric position t in the circuit: the heads (``a1.h2@9``) and attention edges on its paths into
+    ``logits@t``, attention edges by |score|."""
+    import networkx as nx
+
+    from spartan_cli.circuit.tokens import token_networkx
+
+    g = token_networkx(graph)
+    out = {}
+    for t in graph.metric_positions:
+        sink = f"logits@{t}"
+        if sink not in g:
+            continue
+        upstream = nx.ancestors(g, sink) | {sink}
+        sub = g.subgraph(upstream)
+        attn = sorted(((u, v, a) for u, v, a in sub.edges(data=True) if a["type"] == "attn"),
+                      key=lambda x: -abs(x[2]["score"]))
+        out[str(t)] = {"heads": sorted(n for n, a in sub.nodes(data=True) if a["kind"] == "attn"),
+                       "attention_edges": [{"src": u, "dst": v, "score": a["score"]} for u, v, a in attn],
+                       "edges": sub.number_of_edges()}
+    return out
+
+
+def check_layout(task) -> None:
+    if not getattr(task, "fixed_layout", False):
+        raise TaskError(f"token-level circuits average scores per position, so every prompt must share one layout; "
+                        f"task {task.spec!r} does not (its prompts differ in length or template). Use --level "
+                        "component, or a fixed-layout task (addition, greater-than)")
+
+
+def find_token_circuit(model, tokenizer, cfg, *, task, name: str | None = None,
+                       on_progress: Callable | None = None) -> TokenCircuitResult:
+    """Steps 1-4 of the module docstring for one model."""
+    from contextlib import nullcontext
+
+    import torch
+
+    from spartan_cli.circuit.discovery import batches_of, refine_sizes
+    from spartan_cli.circuit.faithfulness import log_grid
+    from spartan_cli.circuit.graph import Graph
+    from spartan_cli.circuit.token_patching import attribute_tokens, sweep_tokens
+    from spartan_cli.circuit.tokens import select_tokens, selection_order
+    from spartan_cli.evaluate import Progress, is_gated
+    from spartan_cli.scopes import deterministic_gates, evaluating
+
+    if cfg.attribution not in ("eap", "eap-ig-inputs"):
+        raise ConfigError(f"method {cfg.method!r} is not available at token level; use eap or eap-ig")
+    check_layout(task)
+    name = name or cfg.model
+    say = on_progress or (lambda p: None)
+    start = time.perf_counter()
+    pairs = task.contrast(tokenizer, n=cfg.n_examples, seed=cfg.seed)
+    batches = batches_of(pairs, cfg.batch_size)
+    gated = is_gated(model)
+    meta = {"model": name, "task": task.spec, "metric": task.metric_name, "seed": cfg.seed,
+            "selection": cfg.selection, "corruption": task.describe().get("corruption"),
+            "bos": task.describe().get("bos")}
+    timing: dict[str, float] = {}
+    device = next(model.parameters()).device
+    with torch.no_grad(), evaluating(model):
+        b = batches[0]
+        t = time.perf_counter()
+        model(input_ids=b.clean.to(device),
+              attention_mask=None if b.attention_mask is None else b.attention_mask.to(device))
+        timing["clean_forward_s"] = time.perf_counter() - t
+    n_batches = len(batches)
+    with deterministic_gates(model) if gated else nullcontext():
+        t = time.perf_counter()
+        stage = f"token attribution ({cfg.method}) of {name}"
+        say(Progress(stage, 0, n_batches))
+        done = [0]
+
+        def on_attr(step):
+            done[0] += 1
+            say(Progress(stage, min(done[0], n_batches), n_batches))
+
+        scored = attribute_tokens(model, batches, metric=task.metric,
+                                  ig_steps=cfg.ig_steps if cfg.attribution == "eap-ig-inputs" else 1,
+                                  graph=Graph.from_model(model), max_delta_mb=cfg.max_delta_mb, meta=meta,
+                                  on_step=on_attr)
+        timing["attribution_s"] = time.perf_counter() - t
+
+        def run_sweep(sizes, label):
+            stage = f"token {label} of {name} ({len(sizes)} sizes x {n_batches} batches)"
+
+            def on_eval(step):
+                total = n_batches * step.circuits
+                say(Progress(stage, min(total, step.examples // cfg.batch_size * step.circuits + step.circuits_done),
+                             total))
+
+            return sweep_tokens(model, batches, metric=task.metric, graph=scored, sizes=sizes,
+                                selection=cfg.selection, max_delta_mb=cfg.max_delta_mb, on_step=on_eval)
+
+        t = time.perf_counter()
+        curve = run_sweep(log_grid(scored.n_real_edges), "faithfulness sweep")
+        timing["sweep_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        refined = curve
+        for round_ in range(cfg.refine_rounds):
+            sizes = refine_sizes(refined, cfg.faithfulness, points=cfg.refine_points)
+            if not sizes:
+                break
+            extra = run_sweep(sizes, f"refinement {round_ + 1}")
+            refined = Curve(tuple(sorted(refined.points + extra.points, key=lambda p: p.requested)), curve.clean,
+                            curve.corrupted, curve.total_edges, curve.selection)
+        timing["refine_s"] = time.perf_counter() - t
+    probe = TokenCircuitResult(name, gated, scored, curve, refined, cfg.faithfulness, timing, len(pairs))
+    circuit = select_tokens(scored, probe.chosen.requested, order=selection_order(scored, cfg.selection))
+    assert circuit.n_edges == probe.chosen.edges, (circuit.n_edges, probe.chosen)
+    timing["total_s"] = time.perf_counter() - start
+    return TokenCircuitResult(name=name, gated=gated, graph=circuit, curve=curve, refined=refined,
+                              level=cfg.faithfulness, timing=timing, n_examples=len(pairs))
+
+
+__all__ = ["TOKEN_NOTE", "TokenCircuitResult", "check_layout", "find_token_circuit", "paths_by_position"]
