@@ -233,3 +233,8 @@ def test_bad_input_gives_one_line(sparse_ckpt, tmp_path, capsys):
     assert "acdc" in err
     err = one_line_error(["circuit", "addition", "--compare-base"], capsys)  # a plain model has no base
     assert "no base model" in err
+
+
+def test_a_task_the_models_tokenizer_cannot_encode_gives_one_line(sparse_ckpt, capsys):
+    err = one_line_error(["circuit", str(sparse_ckpt), "--task", "ioi", *FAST], capsys)
+    assert "cannot encode the task's text" in err and "Missing [UNK]" in err and "pick a task made for" in err

@@ -175,3 +175,13 @@ def test_score_reports_logit_diff_and_accuracy():
     assert result.value("logit_diff") == pytest.approx(float(task.metric(logits, batch)), abs=1e-6)
     acc = task.row_values(final_logits(logits, batch), batch.answers)["accuracy"].mean()
     assert result.value("accuracy") == pytest.approx(float(acc)) and result.metric("accuracy").examples == 3
+
+
+def test_a_tokenizer_that_cannot_encode_the_names_gives_a_task_error():
+    """The built-in addition model's character vocabulary has no unknown token: its Rust tokenizer raises a
+    bare Exception on an IOI name, which must surface as one TaskError naming the text and the tokenizer."""
+    from spartan_cli.builtin.addition import build_tokenizer
+
+    with pytest.raises(TaskError, match=r"tokenizer \(.*13 tokens\) cannot encode the task's text ' \w+'.*Missing"):
+        get_task("ioi").contrast(build_tokenizer(), n=4)
+    assert len(encode(build_tokenizer(), "12+34=")) == 6  # text inside the vocabulary still encodes

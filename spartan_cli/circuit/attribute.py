@@ -95,7 +95,7 @@ class _ReadRows(torch.autograd.Function):
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
         flat = grad.reshape(-1, grad.shape[-1])  # (batch * pos, vocab)
-        rows = flat.ne(0).any(dim=1).nonzero().squeeze(1)  # positions the metric read (NaN counts as read)
+        rows = flat.any(dim=1).nonzero().squeeze(1)  # positions the metric read (NaN counts as read)
         out = grad.new_zeros(flat.shape[0], weight.shape[1])  # (batch * pos, d_model)
         out.index_copy_(0, rows, flat.index_select(0, rows) @ weight)
         return out.view(ctx.hidden_shape), None, None

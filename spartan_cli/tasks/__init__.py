@@ -229,8 +229,30 @@ def final_logits(logits, batch):
 
 
 def encode(tokenizer, text: str) -> list[int]:
-    """Token ids of ``text`` without special tokens (no BOS, whatever the tokenizer's default)."""
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    """Token ids of ``text`` without special tokens (no BOS, whatever the tokenizer's default).
+
+    TaskError when the tokenizer cannot encode the text at all (e.g. the built-in addition model's
+    character vocabulary has no unknown token, so an IOI name makes the Rust tokenizer raise a bare
+    ``Exception``): the task does not fit this model's tokenizer."""
+    try:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    except Exception as err:  # tokenizers raises a bare Exception; anything here means "cannot encode"
+        raise TaskError(f"the model's tokenizer ({_tokenizer_name(tokenizer)}) cannot encode the task's text "
+                        f"{text!r}: {_one_line(err)}; the task does not fit this model's vocabulary: pick a task "
+                        f"made for this model, or a model whose tokenizer covers the task") from err
+
+
+def _tokenizer_name(tokenizer) -> str:
+    """``'gpt2', 50,257 tokens`` (the tokenizer's own name where it has one), for error messages."""
+    name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    try:
+        return f"{name}, {len(tokenizer):,} tokens"
+    except TypeError:
+        return str(name)
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def single_token(tokenizer, text: str) -> int | None:
