@@ -18,8 +18,11 @@ import json
 import os
 import platform
 import shutil
+import stat
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO, Iterator
 
 from spartan_cli import __version__
 from spartan_cli.errors import CheckpointError
@@ -32,18 +35,44 @@ RUN_CONFIG = "run_config.yaml"
 TRAIN_LOG = "train_log.jsonl"
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+@contextmanager
+def atomic_open(path, mode: str = "w", **kwargs) -> Iterator[IO]:
+    """Open a temp file beside ``path`` for writing; on a clean exit it is flushed, fsynced and moved onto
+    ``path`` (os.replace), on error removed. The file gets the permissions a plain ``open(path, "w")`` would
+    give: an existing file's mode, else 0o666 less the umask (mkstemp alone would leave 0o600)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        os.fchmod(fd, _mode_of_new_file(path))
+        with os.fdopen(fd, mode, **kwargs) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (see ``atomic_open``)."""
+    with atomic_open(path, "w") as f:
+        f.write(text)
+
+
+def _mode_of_new_file(path: Path) -> int:
+    """What ``open(path, "w")`` leaves: the existing file's permission bits, else 0o666 & ~umask."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~umask()
+
+
+def umask() -> int:
+    """The process umask (read by setting it and putting it straight back: os offers no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def versions() -> dict:

@@ -128,14 +128,10 @@ def _publish_dir(staging: Path, out: Path) -> None:
 
 def _write_file(path: Path, text: str | bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(text.encode() if isinstance(text, str) else text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from spartan_cli.checkpoint import atomic_open
+
+    with atomic_open(path, "wb") as f:
+        f.write(text.encode() if isinstance(text, str) else text)
     return path
 
 
@@ -161,6 +157,7 @@ def _save_hf(cfg: ExportConfig, *, gated: bool) -> ExportResult:
     model, tokenizer = checkpoint.load(src, dtype=torch.float32)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging-"))
+    os.chmod(staging, 0o777 & ~checkpoint.umask())  # mkdtemp makes 0o700; the published directory is a plain one
     try:
         if not gated:
             del model.config.spartan_gate  # a plain model: transformers picks its own attention
@@ -262,21 +259,17 @@ def write_masks(cfg: ExportConfig) -> ExportResult:
         rows = [(blocks, None)]
         source = data.source
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    from spartan_cli.checkpoint import atomic_open
+
     n, pairs = 0, 0
-    try:
-        with os.fdopen(fd, "w") as f:
-            for ids, texts in rows:
-                for record in mask_records(subject.model, subject.tokenizer, ids, batch_size=cfg.batch_size,
-                                           texts=texts, source=source):
-                    record["sequence"] = n
-                    f.write(json.dumps(record) + "\n")
-                    n += 1
-                    pairs += sum(len(h) for layer in record["open"] for h in layer)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(out, "w") as f:
+        for ids, texts in rows:
+            for record in mask_records(subject.model, subject.tokenizer, ids, batch_size=cfg.batch_size,
+                                       texts=texts, source=source):
+                record["sequence"] = n
+                f.write(json.dumps(record) + "\n")
+                n += 1
+                pairs += sum(len(h) for layer in record["open"] for h in layer)
     return ExportResult(cfg.format, out, (out,), {"sequences": n, "open_pairs": pairs})
 
 

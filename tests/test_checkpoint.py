@@ -88,3 +88,34 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     assert state2.step == 8 and not result2.interrupted
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o077])
+def test_atomic_writes_honour_the_umask_like_a_plain_open(tmp_path, mask):
+    import os
+    import stat
+
+    from spartan_cli.tasks.custom import Pair, write_pairs
+
+    def mode(p):
+        return stat.S_IMODE(p.stat().st_mode)
+
+    old = os.umask(mask)
+    try:
+        with open(tmp_path / "plain.txt", "w") as f:  # what a user's own open would give
+            f.write("x")
+        checkpoint.atomic_write_text(tmp_path / "new.json", "{}\n")
+        pairs = write_pairs(tmp_path / "pairs.jsonl", [Pair("a b", "a c", ("x",), ("y",))])
+    finally:
+        os.umask(old)
+    assert mode(tmp_path / "new.json") == mode(tmp_path / "plain.txt") == 0o666 & ~mask
+    assert mode(pairs) == 0o666 & ~mask
+    os.chmod(tmp_path / "new.json", 0o600)  # an existing file keeps its mode, as open("w") would leave it
+    checkpoint.atomic_write_text(tmp_path / "new.json", "[]\n")
+    assert mode(tmp_path / "new.json") == 0o600 and (tmp_path / "new.json").read_text() == "[]\n"
+    with pytest.raises(RuntimeError):  # an error mid-write leaves the old file and no temp file
+        with checkpoint.atomic_open(tmp_path / "new.json") as f:
+            f.write("half")
+            raise RuntimeError("boom")
+    assert (tmp_path / "new.json").read_text() == "[]\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.json", "pairs.jsonl", "plain.txt"]

@@ -29,7 +29,6 @@ import io
 import json
 import os
 import random
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -256,14 +255,10 @@ def write_pairs(path: str | os.PathLike, pairs, *, tokenizer=None) -> Path:
         text = buf.getvalue()
     else:
         raise TaskError(f"custom: cannot write {path.name}; use one of {', '.join(FORMATS)}")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from spartan_cli.checkpoint import atomic_open
+
+    with atomic_open(path, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
     return path
 
 
