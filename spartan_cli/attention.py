@@ -21,11 +21,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+from spartan_cli.attention_chunked import chunked_attention, rows_per_chunk
+from spartan_cli.attention_fused import Gating, Masks, fused_attention
 from spartan_cli.config import GateConfig
 from spartan_cli.gates import gate_kind
 
 ATTN_IMPLEMENTATION = "spartan"
 STATE_ATTR = "spartan_gate"
+# MiB: a call whose fp32 scores (batch, n_heads, q, k) would be larger runs query-chunked, recomputing in the
+# backward (same maths; memory per chunk about this much). GateState.chunk_mb / attach_gates(chunk_mb=) change it.
+CHUNK_MB = 64.0
 
 
 @dataclass
@@ -52,6 +57,7 @@ class GateState:
     gate_logits: torch.Tensor | None = None
     keep_pattern: bool = False  # store P (softmax pattern, before gating) in ``pattern``
     pattern: torch.Tensor | None = None
+    chunk_mb: float = CHUNK_MB  # calls with larger fp32 scores take the query-chunked path (choose_path)
     generator: object = field(default=None, repr=False)  # a torch.Generator, or one per batch row (gates.uniform)
 
 
@@ -81,13 +87,31 @@ def gated_attention_forward(module, query, key, value, attention_mask, scaling=N
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     q_len, k_len = query.shape[2], key.shape[2]
+    allowed = allowed_mask(attention_mask, q_len, k_len, query.device)  # (batch|1, 1, q, k) bool
+    dropout = dropout if module.training else 0.0
+    path = ATTENTION_PATHS[choose_path(state, query.shape, k_len, dropout=dropout)]
+    return path(module, state, query, key, value, allowed, scaling, dropout)
 
+
+def choose_path(state: GateState, query_shape, k_len: int, *, dropout: float = 0.0) -> str:
+    """Which registered path computes a call: the autograd reference for attention dropout or gate kinds
+    without a hand-written path, the query-chunked path when the fp32 scores (batch, n_heads, q, k) would
+    exceed ``GateState.chunk_mb``, else the fused one. Every path computes the same maths."""
+    if dropout > 0.0 or state.cfg.kind not in FUSED_KINDS:
+        return "reference"
+    batch, n_heads, q_len = query_shape[:3]
+    scores_mb = 4 * batch * n_heads * q_len * k_len / 2**20
+    return "chunked" if scores_mb > state.chunk_mb else "fused"
+
+
+def reference_attention(module, state: GateState, query, key, value, allowed, scaling, dropout):
+    """The gated attention as a composition of torch ops, differentiated by autograd: the definition the
+    fused and chunked paths are tested against, and the path for attention dropout (training outside the
+    trainer, which turns dropout off) and for gate kinds without a hand-written backward."""
     with torch.autocast(device_type=query.device.type, enabled=False):  # gate maths stays fp32 under autocast
         scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling  # (batch, n_heads, q, k)
-    allowed = allowed_mask(attention_mask, q_len, k_len, query.device)  # (batch|1, 1, q, k) bool
     neg = torch.finfo(scores.dtype).min
     pattern = torch.softmax(scores.masked_fill(~allowed, neg), dim=-1)  # P, (batch, n_heads, q, k)
-
     kind = gate_kind(state.cfg.kind)
     g = kind.logits(scores, state.cfg.bias)  # (batch, n_heads, q, k) fp32
     if state.forced is not None:
@@ -114,10 +138,58 @@ def gated_attention_forward(module, query, key, value, attention_mask, scaling=N
         state.pattern = pattern.detach()
 
     weights = (pattern * gates).to(value.dtype)  # A = P * M, no renormalisation
-    if dropout > 0.0 and module.training:
+    if dropout > 0.0:
         weights = torch.nn.functional.dropout(weights, p=dropout, training=True)
     output = torch.matmul(weights, value)  # (batch, n_heads, q, d_head)
     return output.transpose(1, 2).contiguous(), weights
+
+
+def _gating(module, state: GateState, device) -> Gating:
+    forced = None
+    if state.forced is not None:
+        forced = state.forced.to(device)
+        if forced.dim() == 1:  # per head
+            forced = forced.view(1, -1, 1, 1)
+        forced = forced.to(torch.float32)
+    return Gating(bias=state.cfg.bias, sample=forced is None and module.training and state.stochastic,
+                  forced=forced, generator=state.generator, record=state.record,
+                  keep_logits=state.keep_gate_logits, keep_pattern=state.keep_pattern)
+
+
+def _kernel_path(chunked: bool):
+    """The fused (all query rows at once) or the query-chunked path, around the same block maths."""
+
+    def path(module, state: GateState, query, key, value, allowed, scaling, dropout):
+        gating = _gating(module, state, query.device)
+        masks = Masks.from_allowed(allowed)
+        with torch.autocast(device_type=query.device.type, enabled=False):
+            q, k = query.float(), key.float()  # (batch, n_heads, q|k, d_head) fp32
+        if chunked:
+            out, density, side = chunked_attention(q, k, value, masks, scaling, gating,
+                                                   chunk=rows_per_chunk(q, k, state.chunk_mb))
+        else:
+            out, density, side = fused_attention(q, k, value, masks, scaling, gating)
+        if state.record:
+            state.stats = GateStats(density_term=density, open_pairs=side["open_pairs"],
+                                    allowed_pairs=masks.n_allowed.expand(query.shape[0], 1))  # (batch, 1)
+        if state.keep_gate_logits:
+            state.gate_logits = side["gate_logits"]
+        if state.keep_pattern:
+            state.pattern = side["pattern"]
+        return out.transpose(1, 2).contiguous(), None  # A is never built whole (like sdpa: no attention weights)
+
+    return path
+
+
+# gate kinds the fused and chunked paths implement (their backward is written out for these kinds' maths)
+FUSED_KINDS = frozenset({"paper"})
+
+# name -> path(module, state, query, key, value, allowed, scaling, dropout) -> (output (batch, q, n_heads, d_v), A)
+ATTENTION_PATHS = {
+    "reference": reference_attention,
+    "fused": _kernel_path(chunked=False),
+    "chunked": _kernel_path(chunked=True),
+}
 
 
 def state_from_config(module, n_heads: int) -> GateState:
@@ -145,11 +217,16 @@ def register() -> None:
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
 
 
-def attach_gates(model, cfg: GateConfig | None = None):
+def attach_gates(model, cfg: GateConfig | None = None, *, chunk_mb: float = CHUNK_MB):
     """Gate every attention module of ``model`` (in place) and return it.
 
     The gate config is also written into ``model.config.spartan_gate`` so a saved model says how it was gated.
+    ``chunk_mb``: calls whose fp32 scores would exceed this many MiB take the query-chunked path.
     """
+    if not chunk_mb > 0:
+        from spartan_cli.errors import ConfigError
+
+        raise ConfigError(f"chunk_mb must be > 0 MiB, got {chunk_mb!r}")
     from spartan_cli.models import adapter_for, model_shape
 
     cfg = cfg or GateConfig()
@@ -157,7 +234,7 @@ def attach_gates(model, cfg: GateConfig | None = None):
     register()
     n_heads = model_shape(model).n_heads
     for layer, module in enumerate(adapter.attention_modules(model)):
-        setattr(module, STATE_ATTR, GateState(cfg=cfg, layer=layer, n_heads=n_heads))
+        setattr(module, STATE_ATTR, GateState(cfg=cfg, layer=layer, n_heads=n_heads, chunk_mb=chunk_mb))
     model.config.spartan_gate = cfg.to_dict()
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     return model

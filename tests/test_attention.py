@@ -133,3 +133,147 @@ def test_unsupported_architecture_names_supported_ones():
     model = BertForMaskedLM(BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=32))
     with pytest.raises(ModelError, match="supported: .*gpt2.*llama"):
         attach_gates(model)
+
+
+# ---- the fused and query-chunked paths against the autograd reference ----
+
+from types import SimpleNamespace  # noqa: E402
+
+from spartan_cli import attention_fused  # noqa: E402
+from spartan_cli.attention import ATTENTION_PATHS, GateState, allowed_mask, choose_path  # noqa: E402
+from spartan_cli.attention_chunked import rows_per_chunk  # noqa: E402
+
+B, H, T, D = 2, 3, 11, 4
+CHUNK_ROWS = 3
+
+
+def _qkv(seed=0, requires_grad=True):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, T, D, generator=g) for _ in range(3))
+    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+def _padded_allowed():
+    """Causal, and row 0 left-padded by 3 tokens: its first 3 query rows may read nothing at all."""
+    pad = torch.ones(B, T, dtype=torch.bool)
+    pad[0, :3] = False
+    causal = allowed_mask(None, T, T, "cpu")
+    return causal & pad[:, None, None, :]  # (batch, 1, q, k)
+
+
+def _chunk_mb(rows=CHUNK_ROWS):
+    return rows * 4 * B * H * T / 2**20  # makes rows_per_chunk == rows for these shapes
+
+
+def _run(path, mode, *, seed=0, chunk_rows=CHUNK_ROWS, allowed=None, forced=None):
+    """Output, stats and gradients of one call of ``path``; the loss weights output and density term."""
+    q, k, v = _qkv()
+    allowed = _padded_allowed() if allowed is None else allowed
+    state = GateState(cfg=GateConfig(bias=0.3), layer=0, n_heads=H, record=True, stochastic=mode == "sample",
+                      forced=forced, generator=torch.Generator().manual_seed(seed), chunk_mb=_chunk_mb(chunk_rows))
+    module = SimpleNamespace(training=mode == "sample")
+    out, _ = ATTENTION_PATHS[path](module, state, q, k, v, allowed, D ** -0.5, 0.0)  # (batch, q, heads, d)
+    w = torch.linspace(-1, 1, out.numel()).view_as(out)
+    loss = (out * w).sum() + (state.stats.density_term * torch.arange(1.0, 1 + B * H).view(B, H)).sum()
+    grads = torch.autograd.grad(loss, (q, k, v))
+    return out.detach(), state.stats, grads
+
+
+def _close(a, b, tol=1e-5):
+    return (a - b).abs().max().item() <= tol
+
+
+@pytest.mark.parametrize("block_rows", [64, 4])
+@pytest.mark.parametrize("mode", ["sample", "deterministic", "forced_head", "forced_full"])
+def test_fused_path_equals_autograd_reference(mode, block_rows, monkeypatch):
+    """Blocks of 4 query rows read keys only up to their last row: the same results as whole rows."""
+    monkeypatch.setattr(attention_fused, "BLOCK_ROWS", block_rows)
+    forced = None
+    if mode == "forced_head":
+        forced = torch.tensor([True, False, True])
+    elif mode == "forced_full":
+        forced = torch.rand(B, H, T, T, generator=torch.Generator().manual_seed(5)) > 0.5
+    run_mode = "sample" if mode == "sample" else "deterministic"
+    ref = _run("reference", run_mode, forced=forced)
+    fused = _run("fused", run_mode, forced=forced)
+    assert torch.equal(ref[1].open_pairs, fused[1].open_pairs)
+    assert torch.equal(ref[1].allowed_pairs, fused[1].allowed_pairs)
+    assert _close(ref[0], fused[0], 1e-6)  # same noise bits, same gates, same outputs
+    assert _close(ref[1].density_term, fused[1].density_term, 1e-6)
+    for a, b in zip(ref[2], fused[2]):
+        assert _close(a, b), (a - b).abs().max()
+    assert torch.isfinite(fused[0]).all() and fused[0][0, :3].abs().max() == 0.0  # rows that may read nothing
+
+
+@pytest.mark.parametrize("mode", ["sample", "deterministic", "forced_full"])
+def test_chunked_path_equals_fused_path_with_the_same_noise(mode, monkeypatch):
+    """Query rows in chunks of 3 (of 11), recomputed in the backward: the same values and gradients."""
+    fixed = torch.rand(B, H, T, T, generator=torch.Generator().manual_seed(9))
+    monkeypatch.setattr(attention_fused, "draw_noise", lambda shape, *, generator, device, rows, keys: fixed[:, :, rows, keys].clone())
+    forced = torch.rand(B, H, T, T, generator=torch.Generator().manual_seed(5)) > 0.5 if mode == "forced_full" else None
+    fused = _run("fused", mode, forced=forced)
+    chunked = _run("chunked", mode, forced=forced)
+    assert torch.equal(fused[1].open_pairs, chunked[1].open_pairs)
+    assert _close(fused[0], chunked[0], 1e-6)
+    assert _close(fused[1].density_term, chunked[1].density_term, 1e-6)
+    for a, b in zip(fused[2], chunked[2]):
+        assert _close(a, b), (a - b).abs().max()
+
+
+def test_chunked_backward_rewinds_the_generator_to_each_chunks_noise(monkeypatch):
+    """Without any substitution: the chunked path draws each chunk's noise from the state's generator and
+    its backward regenerates exactly those draws (compared with the fused path fed the same draws)."""
+    chunked = _run("chunked", "sample", seed=4)
+    gen = torch.Generator().manual_seed(4)
+    draws = torch.zeros(B, H, T, T)
+    for r0 in range(0, T, CHUNK_ROWS):  # a chunk reads keys up to its last row (causal): that is what it draws
+        r1 = min(T, r0 + CHUNK_ROWS)
+        draws[:, :, r0:r1, :r1] = torch.rand(B, H, r1 - r0, r1, generator=gen)
+    monkeypatch.setattr(attention_fused, "draw_noise", lambda shape, *, generator, device, rows, keys: draws.clone())
+    fused = _run("fused", "sample")
+    assert torch.equal(fused[1].open_pairs, chunked[1].open_pairs)
+    assert _close(fused[0], chunked[0], 1e-6)
+    for a, b in zip(fused[2], chunked[2]):
+        assert _close(a, b), (a - b).abs().max()
+
+
+def test_paths_are_chosen_by_size_dropout_and_kind():
+    state = GateState(cfg=GateConfig(), layer=0, n_heads=12, chunk_mb=8.0)
+    assert choose_path(state, (4, 12, 128), 128) == "fused"  # 3 MiB of scores
+    assert choose_path(state, (4, 12, 1024), 1024) == "chunked"  # 192 MiB
+    assert choose_path(state, (4, 12, 128), 128, dropout=0.1) == "reference"
+    assert rows_per_chunk(torch.empty(4, 12, 1024, 1), torch.empty(4, 12, 1024, 1), 8.0) == 42  # 42 rows: 7.9 MiB
+    assert choose_path(GateState(cfg=GateConfig(), layer=0, n_heads=12, chunk_mb=0.001), (1, 1, 4), 4) == "fused"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_chunked_model_matches_plain_model(arch):
+    """A whole model (GQA for llama) with every call chunked gives the plain logits, density and gradients."""
+    ids = _ids(batch=2, pos=10)
+    results = []
+    for chunk_mb in (64.0, 4 * 2 * 4 * 10 * 3 / 2**20):  # plain; chunks of 3 query rows
+        model = attach_gates(BUILDERS[arch](), GateConfig(bias=0.5), chunk_mb=chunk_mb)
+        with recording(model) as states:
+            logits = model(ids).logits
+            reg = torch.stack([s.stats.density_term.mean() for s in states]).mean()
+        (logits.square().mean() + reg).backward()
+        grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results.append((logits.detach(), reg.detach(), grad))
+    (l0, r0, g0), (l1, r1, g1) = results
+    assert _close(l0, l1) and _close(r0, r1, 1e-6) and _close(g0, g1, 1e-5)
+
+
+@pytest.mark.parametrize("path", ["fused", "chunked"])
+def test_kept_gate_logits_and_pattern_equal_the_reference(path):
+    """density and the pictures read g (-inf where a query may not read) and P whole, from every path."""
+    q, k, v = _qkv(requires_grad=False)
+    kept = []
+    for p in ("reference", path):
+        state = GateState(cfg=GateConfig(bias=0.3), layer=0, n_heads=H, keep_gate_logits=True, keep_pattern=True,
+                          chunk_mb=_chunk_mb())
+        ATTENTION_PATHS[p](SimpleNamespace(training=False), state, q, k, v, _padded_allowed(), D ** -0.5, 0.0)
+        kept.append((state.gate_logits, state.pattern))
+    (g0, p0), (g1, p1) = kept
+    assert g1.shape == (B, H, T, T) and torch.equal(torch.isinf(g0), torch.isinf(g1))
+    assert _close(g0[torch.isfinite(g0)], g1[torch.isfinite(g1)], 1e-6)
+    assert _close(p0, p1, 1e-6)

@@ -1,0 +1,273 @@
+"""Gated attention against the model's dense attention, on a randomly initialised GPT-2-small-shaped model
+(12 layers x 12 heads, d_model 768, vocab 50,257). Issue 6's targets, printed as ratios measured side by side:
+  (a) gated training step / dense fine-tuning step       target <= 1.15x
+  (b) peak memory of a training step, gated / dense      target <= 1.3x
+  (c) deterministic-gate eval forward / dense forward    target <= 1.1x
+  (d) how (a) and (b) grow with sequence length (128 -> 1024): no worse than dense eager attention.
+"Dense" is the same model with its normal attention: ``sdpa`` (transformers' default) and ``eager`` (the
+materialised softmax), both reported.
+
+Run explicitly (marker ``benchmark``; off by default), or as a script:
+    pytest -m benchmark tests/benchmarks/bench_attention.py -s
+    python tests/benchmarks/bench_attention.py [--threads 1] [--batch 4] [--seq 256] [--sweep 128,256,512,1024]
+A training step is what the trainer does: forward with labels, loss (gated: CE + beta * R with R the mean
+gate-open probability, recorded by the attention), backward, gradient clipping, fused AdamW step; dropout off.
+Times: one model whose attention implementation is switched between steps, implementations interleaved in
+every round (shared CPUs drift), medians of ``repeats`` rounds after a warm-up round.
+Memory: each (implementation, length) in a fresh process (glibc told to return large blocks at once):
+  peak     the process's peak resident memory during a step (weights, gradients, AdamW state, activations)
+  step     that peak minus the resident memory before the step (what the step itself adds)
+  saved    bytes autograd keeps for the backward (unique storages, parameters excluded)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import pytest
+import torch
+
+THREADS = 1  # shared CPU cores: keep to one unless told otherwise
+DENSE = ("sdpa", "eager")
+IMPLS = ("spartan",) + DENSE
+BETA = 0.01  # any positive multiplier: the regulariser's backward is part of a gated step
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def gpt2_small(seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from spartan_cli.attention import attach_gates
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # dropout off, as in post-training
+    model = GPT2LMHeadModel(cfg)  # the GPT-2 small shape, random weights
+    attach_gates(model)  # gate states stay on the modules; set_impl picks which attention runs
+    return model
+
+
+def set_impl(model, impl: str) -> None:
+    model.set_attn_implementation(impl)
+
+
+def batch_ids(batch: int, seq: int, vocab: int = 50257, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, seq), generator=g)  # (batch, pos)
+
+
+class Trainer:
+    """One model, one fused AdamW; ``step(impl)`` is a full training step with that attention."""
+
+    def __init__(self, model):
+        from spartan_cli.attention import gate_states
+
+        self.model = model.train()
+        self.states = gate_states(model)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=1e-5, betas=(0.9, 0.95), fused=True)
+
+    def loss(self, ids, impl: str):
+        from spartan_cli.scopes import recording
+
+        set_impl(self.model, impl)
+        gated = impl == "spartan"
+        with recording(self.model) if gated else nullcontext():
+            out = self.model(input_ids=ids, labels=ids)
+            loss = out.loss.float()
+            if gated:
+                reg = torch.stack([s.stats.density_term.mean() for s in self.states]).mean()
+                loss = loss + BETA * reg
+        return loss
+
+    def step(self, ids, impl: str) -> None:
+        self.loss(ids, impl).backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def time_steps(model, *, batch: int, seq: int, repeats: int, impls=IMPLS) -> dict:
+    """Median seconds of a training step and of a no-grad eval forward, per implementation."""
+    trainer = Trainer(model)
+    ids = batch_ids(batch, seq, model.config.vocab_size)
+    step_s = {impl: [] for impl in impls}
+    fwd_s = {impl: [] for impl in impls}
+
+    def forward(impl):
+        set_impl(model, impl)
+        model.eval()
+        try:
+            with torch.no_grad():
+                model(input_ids=ids)
+        finally:
+            model.train()
+
+    for r in range(repeats + 1):  # round 0 warms up (allocator, AdamW state, kernels)
+        for impl in impls:
+            s = _timed(lambda: trainer.step(ids, impl))
+            f = _timed(lambda: forward(impl))
+            if r:
+                step_s[impl].append(s)
+                fwd_s[impl].append(f)
+    return {"step_s": {k: statistics.median(v) for k, v in step_s.items()},
+            "forward_s": {k: statistics.median(v) for k, v in fwd_s.items()}}
+
+
+# ---- memory, one fresh process per measurement ----
+
+def _rss_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_worker(impl: str, batch: int, seq: int) -> dict:
+    """In this process: peak resident memory of one training step of ``impl`` (after a warm-up step)."""
+    model = gpt2_small()
+    trainer = Trainer(model)
+    ids = batch_ids(batch, seq)
+    trainer.step(ids, impl)  # allocates AdamW state; the measured step starts from the resting state
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            saved[st.data_ptr()] = st.nbytes()
+        return t
+
+    rest = _rss_bytes("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = trainer.loss(ids, impl)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(trainer.params, 1.0)
+    trainer.opt.step()
+    trainer.opt.zero_grad(set_to_none=True)
+    peak = _rss_bytes("VmHWM")
+    return {"impl": impl, "batch": batch, "seq": seq, "peak": peak, "step": peak - rest, "saved": sum(saved.values())}
+
+
+def memory(impl: str, *, batch: int, seq: int, threads: int) -> dict:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072",
+           "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, __file__, "--memory-worker", impl, "--batch", str(batch), "--seq", str(seq),
+           "--threads", str(threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-2000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---- report ----
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def report_point(t: dict, mem: dict, *, batch: int, seq: int) -> list[str]:
+    g = "spartan"
+    lines = [f"GPT-2 small shape, batch {batch} x seq {seq}:"]
+    for d in DENSE:
+        lines.append(f"  (a) training step   gated {t['step_s'][g]:.2f} s / {d} {t['step_s'][d]:.2f} s = "
+                     f"{t['step_s'][g] / t['step_s'][d]:.3f}x (target <= 1.15x)")
+    for d in DENSE:
+        lines.append(f"  (b) peak memory     gated {_gib(mem[g]['peak'])} / {d} {_gib(mem[d]['peak'])} = "
+                     f"{mem[g]['peak'] / mem[d]['peak']:.3f}x (target <= 1.3x); step adds "
+                     f"{_gib(mem[g]['step'])} / {_gib(mem[d]['step'])} = {mem[g]['step'] / mem[d]['step']:.3f}x; "
+                     f"saved for backward {_gib(mem[g]['saved'])} / {_gib(mem[d]['saved'])} = "
+                     f"{mem[g]['saved'] / mem[d]['saved']:.3f}x")
+    for d in DENSE:
+        lines.append(f"  (c) eval forward    gated {t['forward_s'][g] * 1e3:.0f} ms / {d} "
+                     f"{t['forward_s'][d] * 1e3:.0f} ms = {t['forward_s'][g] / t['forward_s'][d]:.3f}x "
+                     "(target <= 1.1x)")
+    return lines
+
+
+def measure(*, batch: int = 4, seq: int = 256, repeats: int = 3, threads: int = THREADS) -> dict:
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        t = time_steps(gpt2_small(), batch=batch, seq=seq, repeats=repeats)
+    finally:
+        torch.set_num_threads(saved_threads)
+    mem = {impl: memory(impl, batch=batch, seq=seq, threads=threads) for impl in IMPLS}
+    return {"batch": batch, "seq": seq, "threads": threads, "time": t, "memory": mem}
+
+
+def sweep_lines(points: list[dict]) -> list[str]:
+    """(d): the (a) and (b) ratios per length, and each implementation's growth from the shortest length."""
+    lines = ["  (d) seq    step gated/sdpa  gated/eager   step-memory gated/sdpa  gated/eager   "
+             "step-memory growth from the first length: gated  sdpa  eager"]
+    first = points[0]["memory"]
+    for p in points:
+        t, m = p["time"]["step_s"], p["memory"]
+        growth = [m[i]["step"] / first[i]["step"] for i in IMPLS]
+        lines.append(f"      {p['seq']:5d}  {t['spartan'] / t['sdpa']:14.3f}x {t['spartan'] / t['eager']:11.3f}x "
+                     f"  {m['spartan']['step'] / m['sdpa']['step']:21.3f}x {m['spartan']['step'] / m['eager']['step']:11.3f}x "
+                     f"  {growth[0]:44.2f}x {growth[1]:5.2f}x {growth[2]:5.2f}x")
+    return lines
+
+
+@pytest.mark.benchmark
+def test_gated_attention_costs_little_over_dense():
+    r = measure(repeats=2)
+    lines = report_point(r["time"], r["memory"], batch=r["batch"], seq=r["seq"])
+    print("\n" + "\n".join(lines))
+    step = r["time"]["step_s"]
+    assert step["spartan"] / step["sdpa"] < 2.0, lines  # regression guards; the targets are reported, not enforced
+    assert r["memory"]["spartan"]["peak"] / r["memory"]["sdpa"]["peak"] < 2.0, lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=THREADS)
+    parser.add_argument("--sweep", default="", help="comma-separated lengths for (d), e.g. 128,256,512,1024")
+    parser.add_argument("--sweep-batch", type=int, default=None, help="batch for (d) [--batch]")
+    parser.add_argument("--sweep-repeats", type=int, default=1)
+    parser.add_argument("--skip-point", action="store_true", help="only the (d) sweep")
+    parser.add_argument("--json", default=None, help="also write every measurement to this JSON file")
+    parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_worker:
+        torch.set_num_threads(args.threads)
+        print(json.dumps(memory_worker(args.memory_worker, args.batch, args.seq)))
+        return
+    results = {}
+    if not args.skip_point:
+        r = measure(batch=args.batch, seq=args.seq, repeats=args.repeats, threads=args.threads)
+        results["point"] = r
+        print("\n".join(report_point(r["time"], r["memory"], batch=args.batch, seq=args.seq)), flush=True)
+    if args.sweep:
+        sb = args.sweep_batch or args.batch
+        points = []
+        for seq in (int(s) for s in args.sweep.split(",")):
+            points.append(measure(batch=sb, seq=seq, repeats=args.sweep_repeats, threads=args.threads))
+            print(f"  ... seq {seq} measured", flush=True)
+        results["sweep"] = points
+        print(f"(d) growth with sequence length, batch {sb}, {args.threads} thread(s):")
+        print("\n".join(sweep_lines(points)))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
