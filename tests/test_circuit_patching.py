@@ -11,6 +11,7 @@ from spartan_cli.circuit import (ContrastBatch, Curve, CurvePoint, Graph, Tap, a
 from spartan_cli.circuit.attribute import Record
 from spartan_cli.circuit.faithfulness import Patch
 from spartan_cli.config import GateConfig
+from spartan_cli.errors import ConfigError
 from tests.micro import BUILDERS, VOCAB
 
 ARCHS = sorted(BUILDERS)
@@ -188,3 +189,59 @@ def test_unpatched_gradient_run_gives_every_copy_its_own_gradient(arch):
     for key, g in per_copy.items():
         assert g.abs().sum() > 0, key
         torch.testing.assert_close(one_stream[key], g, rtol=1e-10, atol=1e-12)
+
+
+def test_straight_through_gates_keep_the_forward_and_pass_the_sigmoid_gradient():
+    """gate_gradient="straight-through": a gated layer's output keeps its value bit for bit, and its gradient
+    is that of A = P * (1[g > 0] + s - s.detach()), s = sigmoid(g), written out by hand."""
+    from spartan_cli.attention import STATE_ATTR, gated_attention_forward
+    from spartan_cli.circuit.attribute import GATE_GRADIENTS, _Gradients
+    from spartan_cli.models import adapter_for
+
+    model = attach_gates(BUILDERS["gpt2"](), GateConfig(bias=0.0)).double()
+    module = adapter_for(model).attention_modules(model)[0]
+    bias = getattr(module, STATE_ATTR).cfg.bias
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 6, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    up = torch.randn(2, 6, 4, 8, generator=g, dtype=torch.float64)  # dM/dz, (batch, pos, n_heads, d_head)
+
+    z = gated_attention_forward(module, q, k, v, None, scaling=0.3)[0]
+    z_st = z + GATE_GRADIENTS["straight-through"](module, q, k, v, None, 0.3)
+    assert torch.equal(z_st, z)
+    scores = q @ k.transpose(-1, -2) * 0.3  # by hand: (batch, n_heads, q, k)
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    pattern = scores.masked_fill(~causal, -torch.inf).softmax(-1)
+    soft = torch.sigmoid(scores + bias)
+    gates = ((scores + bias) > 0).double() + soft - soft.detach()
+    z_hand = ((pattern * gates * causal) @ v).transpose(1, 2)
+    torch.testing.assert_close(z_st, z_hand, rtol=1e-5, atol=1e-6)  # the gate maths runs in fp32
+    hard_q = torch.autograd.grad(z, q, up, retain_graph=True)[0]
+    mine, hand = torch.autograd.grad(z_st, (q, k, v), up), torch.autograd.grad(z_hand, (q, k, v), up)
+    for a, b in zip(mine, hand):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(hard_q, mine[0])  # the hard gates alone pass a different gradient
+
+    batch = _contrast(rows=3)  # whole model: the attribution run's logits are the model's own
+    graph = Graph.from_model(model)
+    delta = torch.zeros(graph.n_forward, 3, 8, 32, dtype=torch.float64)
+    scores_buf = torch.zeros(graph.n_forward, graph.n_backward)
+    with wired(model, graph) as wiring:
+        plain = wiring.run(batch.clean)
+        tap = _Gradients(graph, delta, scores_buf, subtract=False, gate_term=GATE_GRADIENTS["straight-through"])
+        assert torch.equal(wiring.run(batch.clean, tap=tap).detach(), plain)
+
+
+def test_gate_gradient_changes_only_gated_models():
+    batch = [_contrast(rows=4)]
+    dense = BUILDERS["gpt2"]()
+    hard, st = (attribute(dense, batch, metric=logit_difference, method="eap", gate_gradient=gg)
+                for gg in ("hard", "straight-through"))
+    assert torch.equal(hard.scores, st.scores) and hard.meta["gate_gradient"] is None
+    gated = attach_gates(BUILDERS["gpt2"](), GateConfig(bias=0.0))
+    hard, st = (attribute(gated, batch, metric=logit_difference, method="eap", gate_gradient=gg)
+                for gg in ("hard", "straight-through"))
+    assert (hard.scores != st.scores).any() and st.meta["gate_gradient"] == "straight-through"
+    logits_slot = hard.scores[:, -1]  # nothing lies between the logits input and the metric: no gate on the way
+    assert torch.equal(logits_slot, st.scores[:, -1])
+    with pytest.raises(ConfigError, match="gate gradient 'soft' is unknown; choose one of hard, straight-through"):
+        attribute(gated, batch, metric=logit_difference, gate_gradient="soft")

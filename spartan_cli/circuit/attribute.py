@@ -14,6 +14,14 @@ Per chunk of rows (sized so the delta buffer (n_sources, rows, pos, d_model) fit
 4. Scores are divided by the number of examples (and by m). The sign is kept (corrupted - clean);
    selection ranks |s|.
 ``exact`` patches one edge at a time (one clean forward per edge and chunk): ground truth for small models.
+
+Gated models run with deterministic gates M = 1[g > 0], whose derivative is zero: the hard gradient cannot
+see that corrupting a head's q or k input opens or shuts its gates. ``gate_gradient`` picks what the
+backward passes through the gates (``GATE_GRADIENTS``); the forward values are the model's either way:
+- ``hard``: the exact derivative of the deterministic forward (zero through M).
+- ``straight-through``: as training does, dM/dg = sigmoid'(g) (here at g itself, without noise): each
+  gated layer's output gets a term sum_j P_ij (s_ij - s_ij.detach()) v_j, s = sigmoid(g), which is exactly
+  zero but carries P * sigmoid'(g) into q and k.
 """
 
 from __future__ import annotations
@@ -58,9 +66,15 @@ class _Gradients(Tap):
     """A run with gradients: optionally subtracts this run's sources from ``delta``, optionally replaces the
     input, and at every destination adds delta . gradient to ``scores`` during the backward pass."""
 
-    def __init__(self, graph: Graph, delta, scores, *, subtract: bool, input: torch.Tensor | None = None):
+    def __init__(self, graph: Graph, delta, scores, *, subtract: bool, input: torch.Tensor | None = None,
+                 gate_term: Callable | None = None):
         self.graph, self.delta, self.scores = graph, delta, scores
-        self.subtract, self.input = subtract, input
+        self.subtract, self.input, self.gate_term = subtract, input, gate_term
+
+    def attend(self, layer, attention, module, q, k, v, mask, **kwargs):
+        z = attention(module, q, k, v, mask, **kwargs)[0]  # (batch, pos, n_heads, d_head)
+        term = None if self.gate_term is None else self.gate_term(module, q, k, v, mask, kwargs.get("scaling"))
+        return z if term is None else z + term
 
     def source(self, start, out):
         if start == 0:  # the input: from here on everything needs a gradient
@@ -121,7 +135,34 @@ def _unembedding_backward_on_read_rows(model):
         handle.remove()
 
 
-def _gradient_scores(model, batches, *, metric, graph, ig_steps, max_delta_mb, on_step, method) -> Graph:
+def _straight_through_term(module, q, k, v, mask, scaling) -> torch.Tensor | None:
+    """A zero-valued (batch, pos, n_heads, d_head) term for a gated layer's output whose gradient is the
+    straight-through one of its deterministic gates, or None for an ungated layer or gates forced by a scope.
+    q, k, v: (batch, n_heads, pos, d_head), one k/v per query head (as wiring hands them over)."""
+    from spartan_cli.attention import STATE_ATTR, allowed_mask
+    from spartan_cli.gates import gate_kind
+
+    state = getattr(module, STATE_ATTR, None)
+    if state is None or state.forced is not None:
+        return None
+    kind = gate_kind(state.cfg.kind)
+    scaling = q.shape[-1] ** -0.5 if scaling is None else scaling
+    with torch.autocast(device_type=q.device.type, enabled=False):  # fp32 like the gates themselves
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scaling  # (batch, n_heads, q, k)
+    allowed = allowed_mask(mask, q.shape[2], k.shape[2], q.device)  # (batch|1, 1, q, k)
+    pattern = torch.softmax(scores.detach().masked_fill(~allowed, torch.finfo(scores.dtype).min), dim=-1)  # P
+    soft = kind.open_probability(kind.logits(scores, state.cfg.bias))  # sigmoid(g), (batch, n_heads, q, k)
+    surrogate = (pattern * (soft - soft.detach())).masked_fill(~allowed, 0.0)  # value 0, gradient P sigmoid'(g)
+    return torch.matmul(surrogate.to(v.dtype), v.detach()).transpose(1, 2)  # (batch, pos, n_heads, d_head)
+
+
+# what the backward passes through deterministic gates: name -> per-layer output term (None: nothing added)
+GATE_GRADIENTS: dict[str, Callable | None] = {"hard": None, "straight-through": _straight_through_term}
+DEFAULT_GATE_GRADIENT = "hard"
+
+
+def _gradient_scores(model, batches, *, metric, graph, ig_steps, max_delta_mb, on_step, method,
+                     gate_gradient) -> Graph:
     from spartan_cli.models import model_shape
 
     param = next(model.parameters())
@@ -139,10 +180,12 @@ def _gradient_scores(model, batches, *, metric, graph, ig_steps, max_delta_mb, o
             e_corr = delta[0].clone()  # (rows, pos, d_model)
             for k in range(ig_steps, 0, -1):
                 alpha = k / ig_steps
+                term = GATE_GRADIENTS[gate_gradient]
                 if k == ig_steps:  # the clean run: completes delta = a^corr - a^clean
-                    tap = _Gradients(graph, delta, scores, subtract=True)
+                    tap = _Gradients(graph, delta, scores, subtract=True, gate_term=term)
                 else:  # delta[0] = e_corr - e_clean, so this is e_corr + alpha (e_clean - e_corr)
-                    tap = _Gradients(graph, delta, scores, subtract=False, input=e_corr - alpha * delta[0])
+                    tap = _Gradients(graph, delta, scores, subtract=False, input=e_corr - alpha * delta[0],
+                                     gate_term=term)
                 with torch.enable_grad():
                     logits = wiring.run(batch.clean.to(param.device), attention_mask=mask, tap=tap)
                     (metric(logits, batch) * (rows / ig_steps)).backward()
@@ -151,20 +194,25 @@ def _gradient_scores(model, batches, *, metric, graph, ig_steps, max_delta_mb, o
                 on_step(AttributionStep(method, examples))
     if examples == 0:
         raise ConfigError("attribution got no examples; pass at least one non-empty batch")
-    return graph.with_scores(scores.cpu() / examples, method=method, ig_steps=ig_steps, n_examples=examples)
+    from spartan_cli.evaluate import is_gated
+
+    gated = is_gated(model)
+    return graph.with_scores(scores.cpu() / examples, method=method, ig_steps=ig_steps, n_examples=examples,
+                             gate_gradient=gate_gradient if gated else None)
 
 
-def _eap(model, batches, *, metric, graph, ig_steps, max_delta_mb, on_step):
+def _eap(model, batches, *, metric, graph, ig_steps, max_delta_mb, on_step, gate_gradient):
     return _gradient_scores(model, batches, metric=metric, graph=graph, ig_steps=1, max_delta_mb=max_delta_mb,
-                            on_step=on_step, method="eap")
+                            on_step=on_step, method="eap", gate_gradient=gate_gradient)
 
 
-def _eap_ig(model, batches, *, metric, graph, ig_steps, max_delta_mb, on_step):
+def _eap_ig(model, batches, *, metric, graph, ig_steps, max_delta_mb, on_step, gate_gradient):
     return _gradient_scores(model, batches, metric=metric, graph=graph, ig_steps=ig_steps,
-                            max_delta_mb=max_delta_mb, on_step=on_step, method="eap-ig-inputs")
+                            max_delta_mb=max_delta_mb, on_step=on_step, method="eap-ig-inputs",
+                            gate_gradient=gate_gradient)
 
 
-def _exact(model, batches, *, metric, graph, ig_steps, max_delta_mb, on_step):
+def _exact(model, batches, *, metric, graph, ig_steps, max_delta_mb, on_step, gate_gradient):
     from spartan_cli.circuit.faithfulness import exact_scores
 
     return exact_scores(model, batches, metric=metric, graph=graph, max_delta_mb=max_delta_mb)
@@ -175,19 +223,25 @@ METHODS: dict[str, Callable] = {"eap": _eap, "eap-ig-inputs": _eap_ig, "exact": 
 
 def attribute(model, batches: Iterable[Contrast], *, metric: Metric, method: str = "eap-ig-inputs",
               ig_steps: int = 5, graph: Graph | None = None, max_delta_mb: float = DEFAULT_MAX_DELTA_MB,
-              on_step: Callable[[AttributionStep], None] | None = None) -> Graph:
+              on_step: Callable[[AttributionStep], None] | None = None,
+              gate_gradient: str = DEFAULT_GATE_GRADIENT) -> Graph:
     """Score every edge of ``graph`` (default: the model's full graph) -> the graph with ``scores`` set.
 
     ``batches``: ContrastBatch-like (clean, corrupted, attention_mask; right-padded). ``metric(logits, batch)``
     returns the batch mean. ``method``: one of ``METHODS``; ``ig_steps`` is used by ``eap-ig-inputs`` only.
+    ``gate_gradient``: one of ``GATE_GRADIENTS``, the backward through a gated model's deterministic gates
+    (gradient methods only; ungated models and ``exact`` ignore it).
     The circuit (``in_graph``) of the returned graph is unchanged; select one with ``select``.
     """
     if method not in METHODS:
         raise ConfigError(f"attribution method {method!r} is unknown; choose one of {', '.join(sorted(METHODS))}")
+    if gate_gradient not in GATE_GRADIENTS:
+        raise ConfigError(f"gate gradient {gate_gradient!r} is unknown; choose one of "
+                          f"{', '.join(sorted(GATE_GRADIENTS))}")
     if ig_steps < 1:
         raise ConfigError(f"ig_steps must be >= 1, got {ig_steps!r}")
     if max_delta_mb <= 0:
         raise ConfigError(f"max_delta_mb must be > 0, got {max_delta_mb!r}")
     graph = Graph.from_model(model) if graph is None else graph
     return METHODS[method](model, batches, metric=metric, graph=graph, ig_steps=ig_steps,
-                           max_delta_mb=max_delta_mb, on_step=on_step)
+                           max_delta_mb=max_delta_mb, on_step=on_step, gate_gradient=gate_gradient)
