@@ -63,7 +63,8 @@ def write_circuit(result, path, *, command: str = "", config: dict | None = None
 
 
 def read_circuit(path):
-    """circuit.json -> discovery.CircuitResult (graph with the circuit, curves, summary)."""
+    """circuit.json -> discovery.CircuitResult (graph with the circuit, curves, summary); a token-level file
+    (kind "token_circuit") -> token_discovery.TokenCircuitResult."""
     from spartan_cli.circuit.discovery import CircuitResult
 
     path = Path(path)
@@ -78,6 +79,10 @@ def read_circuit(path):
         raise DataError(f"{path} has schema_version {data.get('schema_version')!r}; this spartan reads "
                         f"{CIRCUIT_SCHEMA_VERSION}: re-run `spartan circuit`")
     try:
+        if data.get("kind") == "token_circuit":  # spartan circuit --level token (token_export.py)
+            from spartan_cli.circuit.token_discovery import TokenCircuitResult
+
+            return TokenCircuitResult.from_dict(data)
         return CircuitResult.from_dict(data)
     except (KeyError, TypeError) as exc:
         raise DataError(f"{path} lacks {exc}; it was not written by `spartan circuit`") from None
@@ -248,6 +253,10 @@ def write_all(result, out_dir, *, command: str = "", config: dict | None = None)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {str(out)!r} exists and is not a directory; pass a directory")
+    if getattr(result, "kind", "component") == "token":
+        from spartan_cli.circuit.token_export import write_token_all
+
+        return write_token_all(result, out, command=command, config=config)
     out.mkdir(parents=True, exist_ok=True)
     kind = "sparse" if result.gated else "dense"
     title = f"{kind} {result.name}: {result.graph.meta.get('task')} circuit"

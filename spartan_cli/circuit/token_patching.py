@@ -3,7 +3,7 @@ per (query, key) pair, on the wired model.
 
 Attention with per-pair overrides (``mixed_attention``), per head, for query i and key j <= i:
 1. s_ij = q_i . k~_ij * scaling, with k~_ij = w^k_ij k_j + (1 - w^k_ij) k_j^corr (w = 1: this run's key,
-   w = 0: the corrupted run's); in fp32.
+   w = 0: the corrupted run's); in fp32 (fp64 for float64 models).
 2. P = softmax over the allowed keys. A gated model's gates are recomputed from s: M = 1[s + b > 0] (a
    corrupted key may open or shut a gate: faithful to the model), no gradient through the threshold;
    A = P * M (no renormalisation). A dense model has A = P.
@@ -57,9 +57,9 @@ class Attended:
     """One mixed attention call: the output and what scoring reads."""
 
     z: torch.Tensor  # (batch, pos, n_heads, d_head), the model's dtype
-    y: torch.Tensor  # (batch, n_heads, pos, d_head) fp32, before the transpose
-    s: torch.Tensor  # (batch, n_heads, pos_q, pos_k) fp32 scores
-    a: torch.Tensor  # (batch, n_heads, pos_q, pos_k) fp32 attention weights A (after gates)
+    y: torch.Tensor  # (batch, n_heads, pos, d_head) fp32 (fp64), before the transpose
+    s: torch.Tensor  # (batch, n_heads, pos_q, pos_k) fp32 (fp64) scores
+    a: torch.Tensor  # (batch, n_heads, pos_q, pos_k) fp32 (fp64) attention weights A (after gates)
     edges: torch.Tensor  # (batch, n_heads, pos_q, pos_k) bool: open gates (gated) or allowed pairs (dense)
 
 
@@ -81,11 +81,12 @@ def mixed_attention(module, attention, q, k, v, mask, *, scaling, k_alt=None, v_
     from spartan_cli.attention import allowed_mask
 
     B, H, T, _ = q.shape
-    qf = q.float()
-    s = torch.matmul(qf, k.float().transpose(-1, -2)) * scaling  # (batch, n_heads, pos_q, pos_k)
+    dt = torch.promote_types(q.dtype, torch.float32)  # fp32 (fp64 for float64 models)
+    qf = q.to(dt)
+    s = torch.matmul(qf, k.to(dt).transpose(-1, -2)) * scaling  # (batch, n_heads, pos_q, pos_k)
     if keep_k is not None:
-        s_alt = torch.matmul(qf, k_alt.float().transpose(-1, -2)) * scaling
-        s = s_alt + keep_k * (s - s_alt)
+        s_alt = torch.matmul(qf, k_alt.to(dt).transpose(-1, -2)) * scaling
+        s = s_alt + keep_k.to(dt) * (s - s_alt)
     allowed = allowed_mask(mask, T, T, q.device)  # (batch|1, 1, pos_q, pos_k) bool
     p = torch.softmax(s.masked_fill(~allowed, torch.finfo(s.dtype).min), dim=-1)
     gating = _gating(module, attention)
@@ -100,11 +101,12 @@ def mixed_attention(module, attention, q, k, v, mask, *, scaling, k_alt=None, v_
             edges = kind.deterministic(kind.logits(s.detach(), bias)) & allowed
         edges = edges.expand(B, H, T, T)
         a = p * edges
-    vf = v.float()
+    vf = v.to(dt)
     if keep_v is None:
         y = torch.matmul(a, vf)  # (batch, n_heads, pos, d_head)
     else:
-        y = torch.matmul(a * keep_v, vf) + torch.matmul(a * (1 - keep_v), v_alt.float())
+        keep_v = keep_v.to(dt)
+        y = torch.matmul(a * keep_v, vf) + torch.matmul(a * (1 - keep_v), v_alt.to(dt))
     return Attended(y.transpose(1, 2).to(v.dtype), y, s, a, edges)
 
 
@@ -167,7 +169,7 @@ class TokenScores(Tap):
 
         def add(grad):  # (rows, pos, n, d_model)
             self.res[:prev, start:start + n, :T] += torch.einsum(
-                "frtd,rtnd->fnt", self.delta[:prev].float(), grad.float())  # (prev, n, pos)
+                "frtd,rtnd->fnt", self.delta[:prev], grad.to(self.delta.dtype)).float()  # (prev, n, pos)
 
         x.register_hook(add)
         return x
@@ -178,20 +180,21 @@ class TokenScores(Tap):
         k_clean, v_clean = self.clean_kv[layer]
         k_corr, v_corr = self.corr_kv[layer]
         out = mixed_attention(module, attention, q, k, v, mask, scaling=scaling)
-        edges = self.edges[layer].float()  # (batch, n_heads, q, k)
-        dk = (k_corr.float() - k_clean.float())  # (batch, n_heads, pos, d_head)
-        dv = (v_corr.float() - v_clean.float())
-        a, qf = out.a.detach(), q.detach().float()
+        dt = out.a.dtype
+        edges = self.edges[layer].to(dt)  # (batch, n_heads, q, k)
+        dk = k_corr.to(dt) - k_clean.to(dt)  # (batch, n_heads, pos, d_head)
+        dv = v_corr.to(dt) - v_clean.to(dt)
+        a, qf = out.a.detach(), q.detach().to(dt)
         T = q.shape[2]
         scores = self.attn  # (n_layers, n_heads, 2, pos_q, pos_k)
 
         def on_y(grad):  # dM/dy (batch, n_heads, pos, d_head)
-            value = torch.matmul(grad.float(), dv.transpose(-1, -2))  # (batch, n_heads, q, k): g_i . dv_j
+            value = torch.matmul(grad.to(dt), dv.transpose(-1, -2))  # (batch, n_heads, q, k): g_i . dv_j
             scores[layer, :, 1, :T, :T] += (edges * a * value).sum(0)
 
         def on_s(grad):  # dM/ds (batch, n_heads, q, k)
             key = torch.matmul(qf, dk.transpose(-1, -2)) * scaling  # q_i . dk_j * scaling
-            scores[layer, :, 0, :T, :T] += (edges * grad.float() * key).sum(0)
+            scores[layer, :, 0, :T, :T] += (edges * grad.to(dt) * key).sum(0)
 
         if out.y.requires_grad:
             out.y.register_hook(on_y)

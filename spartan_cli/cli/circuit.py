@@ -10,6 +10,7 @@ from spartan_cli.tasks import task_names
 # discovery.METHOD_NAMES and select.SELECTIONS, spelled out so --help imports no torch (a test keeps them equal)
 METHOD_CHOICES = ("eap", "eap-ig", "exact")
 SELECTION_CHOICES = ("greedy", "topn")
+LEVEL_CHOICES = ("component", "token")  # discovery.LEVELS
 
 
 @click.command("circuit")
@@ -26,6 +27,9 @@ SELECTION_CHOICES = ("greedy", "topn")
               help="Grow from the logits by score (greedy) or take the best edges anywhere (topn); both pruned.")
 @click.option("--faithfulness", type=float, default=0.9, show_default=True,
               help="Report the smallest circuit recovering this share of the clean metric, in (0, 1].")
+@click.option("--level", type=click.Choice(LEVEL_CHOICES), default="component", show_default=True,
+              help="Graph granularity: components (heads, MLPs), or tokens: nodes at positions, attention edges per "
+              "(query, key) pair, only where a gate is open (fixed-layout tasks: addition, greater-than).")
 @click.option("--compare-base", is_flag=True, help="Also find the base model's circuit; one table with both and their ratio.")
 @click.option("--baseline", default=None, help="Base model for --compare-base [the checkpoint's base_model].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Which pairs the task draws.")
@@ -37,8 +41,8 @@ SELECTION_CHOICES = ("greedy", "topn")
 @click.option("--device", default="auto", show_default=True, help="auto (cuda if present), cpu, cuda, cuda:N.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow a hub model's own Python code to run.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
-def command(model, task, method, ig_steps, n_examples, batch_size, selection, faithfulness, compare_base, baseline,
-            seed, max_delta_mb, out, as_json, device, trust_remote_code, quiet):
+def command(model, task, method, ig_steps, n_examples, batch_size, selection, faithfulness, level, compare_base,
+            baseline, seed, max_delta_mb, out, as_json, device, trust_remote_code, quiet):
     """Find MODEL's circuit for a task: score every edge (input, heads with separate q/k/v inputs, MLPs,
     logits) by EAP/EAP-IG, sweep circuit sizes with edge patching, and report the edges and nodes needed
     to reach --faithfulness, the curve, CPR/CMD and the heads carrying most of the score. A spartan
@@ -48,6 +52,7 @@ def command(model, task, method, ig_steps, n_examples, batch_size, selection, fa
     Examples:
       spartan circuit runs/addition --compare-base --out runs/addition-circuit
       spartan circuit runs/smollm2 --task ioi --n-examples 64 --method eap --json
+      spartan circuit runs/addition --level token --compare-base --out runs/addition-tokens
     """
     from spartan_cli.circuit.discovery import CircuitConfig, circuit_run
     from spartan_cli.report import make_report, write_report
@@ -56,7 +61,7 @@ def command(model, task, method, ig_steps, n_examples, batch_size, selection, fa
     cfg = CircuitConfig(model=model, task=task, method=method, ig_steps=ig_steps, n_examples=n_examples,
                         batch_size=batch_size, selection=selection, faithfulness=faithfulness,
                         compare_base=compare_base or baseline is not None, baseline=baseline, seed=seed,
-                        max_delta_mb=max_delta_mb, device=device, trust_remote_code=trust_remote_code)
+                        max_delta_mb=max_delta_mb, device=device, trust_remote_code=trust_remote_code, level=level)
     with StageProgress(quiet=quiet) as progress:
         run = circuit_run(cfg, on_progress=progress)
     report = make_report("circuit", command=command_line(), config=run.config, metrics=run.metrics())
@@ -75,6 +80,8 @@ def command(model, task, method, ig_steps, n_examples, batch_size, selection, fa
             click.echo(f"{len(set(written))} files written to {out}", err=True)
     if as_json:
         click.echo(report.to_json(), nl=False)
+    elif level == "token":
+        _print_token_tables(run)
     else:
         _print_tables(run)
 
@@ -158,3 +165,69 @@ def _ratio_text(top, bottom) -> str:
     if top is None or bottom is None:
         return "-"
     return f"{top / bottom:.1f}x" if bottom else "inf"
+
+
+def _print_token_tables(run) -> None:
+    """The token-level table: token edges needed (dense / sparse ratio), what the circuit is made of, its
+    component-level summary, and its attention edges by |score|."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    results = [run.model] + ([run.base] if run.base is not None else [])
+    summaries = [r.summary() for r in results]
+    anatomy = [s["anatomy"] for s in summaries]
+    level = run.model.level
+    table = Table(title=f"spartan circuit, token level: {run.task.get('task')}, {run.config['method']}, "
+                        f"{run.config['selection']}, {run.model.n_examples} pairs")
+    table.add_column("")
+    for r in results:
+        name = r.name if len(r.name) <= 24 else "\u2026" + r.name[-23:]
+        table.add_column(f"{'sparse' if r.gated else 'dense'}\n{name}", justify="right")
+    if run.base is not None:
+        table.add_column("dense / sparse", justify="right")
+
+    def row(label, values, top=None, bottom=None):
+        ratio = [] if run.base is None else [_ratio_text(top, bottom) if top is not None else ""]
+        table.add_row(label, *values, *ratio)
+
+    base_point = run.base.point if run.base is not None else None
+    model_point = run.model.point
+    row(f"token edges for F >= {level:g}", [_needed(s, "edges") for s in summaries],
+        base_point and base_point.edges, model_point and model_point.edges)
+    row(f"token nodes for F >= {level:g}", [_needed(s, "nodes") for s in summaries],
+        base_point and base_point.nodes, model_point and model_point.nodes)
+    row("F of that circuit", [_fmt(s["circuit"]["faithfulness"], ".3f") for s in summaries])
+    row("best F (edges)", [f"{s['best']['faithfulness']:.3f} ({s['best']['edges']:,})" for s in summaries])
+    row(f"clean / corrupt {run.task.get('metric', 'metric')}",
+        [f"{s['baselines']['clean']:.3g} / {s['baselines']['corrupted']:.3g}" for s in summaries])
+    row("CPR / CMD", [f"{s['cpr']:.3f} / {s['cmd']:.3f}" for s in summaries])
+
+    def both(read):  # (dense, sparse) values for the ratio column, or (None, None) without a base model
+        return (read(anatomy[1]), read(anatomy[0])) if run.base is not None else (None, None)
+
+    row("  residual / attention edges", [f"{a['residual_edges']:,} / {a['attention_edges']:,}" for a in anatomy],
+        *both(lambda a: a["attention_edges"]))
+    row("  attention pairs (query, key)", [f"{a['attention_pairs']:,}" for a in anatomy],
+        *both(lambda a: a["attention_pairs"]))
+    row("  component summary: edges / nodes", [f"{a['component']['edges']:,} / {a['component']['nodes']:,}"
+                                              for a in anatomy], *both(lambda a: a["component"]["edges"]))
+    row("graph: token edges (attention pairs)", [f"{a['graph']['token_edges']:,} ({a['graph']['attention_pairs']:,})"
+                                                for a in anatomy], *both(lambda a: a["graph"]["token_edges"]))
+    row("time: attribute + sweep", [f"{s['timing']['attribution_s']:.1f}s + "
+                                       f"{s['timing']['sweep_s'] + s['timing']['refine_s']:.1f}s" for s in summaries])
+    console = Console()
+    console.print(table)
+    for r, a in zip(results, anatomy):
+        edges = Table(title=f"{'sparse' if r.gated else 'dense'} token circuit: attention edges by |score|")
+        for col in ("key -> query", "score", "gate open in"):
+            edges.add_column(col, justify="left" if col.startswith("key") else "right")
+        for e in a["top_attention_edges"][:12]:
+            share = e.get("open_share")
+            edges.add_row(f"{e['src']} -> {e['dst']}", f"{e['score']:.3g}", "-" if share is None else f"{share:.0%}")
+        positions = ", ".join(f"@{t}: {len(p['heads'])} head nodes, {len(p['attention_edges'])} attention edges"
+                              for t, p in a["by_metric_position"].items())
+        console.print(edges)
+        console.print(f"[dim]into the logits {escape(positions)}[/dim]")
+    if run.model.gated:
+        console.print(f"[dim]sparse: {escape(run.model.summary()['gates'] or '')}[/dim]")
