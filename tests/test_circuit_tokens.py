@@ -304,3 +304,48 @@ def test_token_level_needs_a_fixed_layout_and_a_gradient_method():
     with pytest.raises(ConfigError, match="level"):
         CircuitConfig(model="m", level="pixel")
     assert gate_states  # imported for readers: gated models carry GateState
+
+
+def test_prompts_of_several_lengths_share_a_layout():
+    """Right-padded prompts that end at different positions (as addition's do): the logits nodes sit at
+    every row's last real position, padded queries hold no edges, and full/empty circuits still give the
+    clean and corrupted metrics of a metric read at each row's last real token."""
+    from spartan_cli.tasks import final_logits
+
+    def metric(logits, batch):
+        last = final_logits(logits, batch)
+        return (last.gather(1, batch.answers[:, :1]) - last.gather(1, batch.answers[:, 1:])).mean()
+
+    base = _contrast(rows=6, pos=7)
+    mask = torch.ones_like(base.clean)
+    for row, length in enumerate((5, 6, 7, 5, 6, 7)):
+        mask[row, length:] = 0
+    batch = ContrastBatch(base.clean * mask, base.corrupted * mask, base.answers, mask)
+    for gated in (False, True):
+        model = _model("gpt2", gated=gated, bias=0.5)
+        graph = attribute_tokens(model, [batch], metric=metric)
+        assert graph.metric_positions == (4, 5, 6)
+        assert graph.edge(graph.n_residual - 1).dst == "logits@6"
+        full = torch.ones_like(graph.in_graph)
+        result = evaluate_tokens(model, [batch], metric=metric, graph=graph, circuits=[full, ~full])
+        assert result.metrics[0] == pytest.approx(result.clean, abs=1e-5)
+        assert result.metrics[1] == pytest.approx(result.corrupted, abs=1e-5)
+        if not gated:  # every causal pair of a query some prompt has: 2 layers x 4 heads x 28 pairs
+            assert int(graph.attn_pairs.sum()) == 2 * 4 * 28
+
+
+def test_spartan_export_reads_a_token_circuit(tmp_path, capsys):
+    from spartan_cli.cli.main import main
+
+    model = _model("gpt2", gated=True, bias=0.5)
+    cfg = CircuitConfig(model="micro", method="eap", n_examples=6, batch_size=6, level="token", refine_rounds=0)
+    result = find_circuit(model, None, cfg, task=_Pairs())
+    from spartan_cli.circuit.token_export import token_circuit_dict
+
+    (tmp_path / "circuit.json").write_text(json.dumps(token_circuit_dict(result)))
+    for fmt in ("graphml", "dot", "json"):
+        main(["export", str(tmp_path / "circuit.json"), "--format", fmt, "--out", str(tmp_path / f"c.{fmt}")])
+    g = nx.read_graphml(tmp_path / "c.graphml")
+    assert g.number_of_edges() == result.graph.n_edges
+    assert {d["type"] for _, _, d in g.edges(data=True)} <= {"residual", "attn"}
+    assert "->" in (tmp_path / "c.dot").read_text() and "@" in (tmp_path / "c.dot").read_text()

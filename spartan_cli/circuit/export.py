@@ -93,12 +93,16 @@ def graphml_text(graph) -> str:
     """GraphML of the circuit (nodes and merged q/k/v edges, see graph.to_networkx)."""
     import networkx as nx
 
-    g = nx.DiGraph(to_networkx_circuit(graph))
+    g = nx.DiGraph(to_networkx_circuit(graph))  # a TokenGraph gives its token nodes and edges
     return "\n".join(nx.generate_graphml(g)) + "\n"
 
 
 def to_networkx_circuit(graph):
     from spartan_cli.circuit.graph import to_networkx
+    from spartan_cli.circuit.tokens import TokenGraph, token_networkx
+
+    if isinstance(graph, TokenGraph):
+        return token_networkx(graph)
 
     g = to_networkx(graph, in_graph_only=True)
     for _, _, attrs in g.edges(data=True):  # every edge gets every score key (GraphML keys are global)
@@ -114,7 +118,14 @@ def _dot_id(name: str) -> str:
 def dot_text(graph, *, title: str = "circuit") -> str:
     """DOT of the circuit: components ranked by layer (input at the bottom, logits on top), one edge per
     head input it feeds (label q/k/v), pen width by |score|; blue where corrupting the edge lowers the
-    metric (score < 0: it carries the clean behaviour), red where it raises it."""
+    metric (score < 0: it carries the clean behaviour), red where it raises it. A TokenGraph is drawn by
+    token_export.token_dot_text."""
+    from spartan_cli.circuit.tokens import TokenGraph
+
+    if isinstance(graph, TokenGraph):
+        from spartan_cli.circuit.token_export import token_dot_text
+
+        return token_dot_text(graph, title=title)
     nodes = [n for n in graph.nodes() if n.in_graph]
     edges = graph.edges(in_graph_only=True)
     peak = max((abs(e.score) for e in edges), default=1.0) or 1.0
