@@ -108,13 +108,19 @@ def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
 
 
 def save(out_dir, model, tokenizer, *, meta: dict, run_config_yaml: str | None = None, trainer_state=None) -> Path:
-    """Write a checkpoint into ``out_dir`` atomically (see module docstring) and return its path."""
+    """Write a checkpoint into ``out_dir`` atomically (see module docstring) and return its path.
+
+    Every byte is written (and fsynced) in the staging folder before anything in ``out_dir`` is replaced, and
+    spartan.json is moved in last: a write that fails (disk full) leaves the previous checkpoint as it was,
+    and raises CheckpointError. Weights holding NaN or inf are refused before anything is written."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out, prefix=".staging-"))
+    _check_finite(model, out)
+    staging = None
     try:
+        out.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=out, prefix=".staging-"))
         model.save_pretrained(staging, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
@@ -137,17 +143,38 @@ def save(out_dir, model, tokenizer, *, meta: dict, run_config_yaml: str | None =
             with open(staging / name, "rb") as f:
                 os.fsync(f.fileno())
         manifest = {name: (staging / name).stat().st_size for name in files}
+        full_meta = {"schema_version": SCHEMA_VERSION, "spartan_version": __version__, "versions": versions(),
+                     **meta, "manifest": manifest}
+        with open(staging / META, "w") as f:  # written now, moved in last: it commits the new files
+            f.write(json.dumps(full_meta, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise CheckpointError(f"could not write the checkpoint in {str(out)!r} ({exc.strerror or exc}); nothing there "
+                              "was replaced, the previous checkpoint (if any) is intact: free disk space and "
+                              "continue with --resume") from None
+    try:
         if trainer_state is None:  # a final save: drop a stale resumable state from an earlier interruption
             for name in (STATE_TENSORS, STATE_JSON):
                 (out / name).unlink(missing_ok=True)
-        for name in files:
+        for name in files:  # renames within one file system: no new space needed
             os.replace(staging / name, out / name)
-        full_meta = {"schema_version": SCHEMA_VERSION, "spartan_version": __version__, "versions": versions(),
-                     **meta, "manifest": manifest}
-        atomic_write_text(out / META, json.dumps(full_meta, indent=2) + "\n")
+        os.replace(staging / META, out / META)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def _check_finite(model, out: Path) -> None:
+    """CheckpointError if any floating-point weight holds NaN or inf: such a model is never written."""
+    import torch
+
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"refusing to write {str(out)!r}: weight {name} holds NaN or inf; the previous "
+                                  "checkpoint there is untouched: lower --lr or use --dtype float32 and --resume")
 
 
 def read_meta(ckpt) -> dict:
@@ -164,6 +191,11 @@ def read_meta(ckpt) -> dict:
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{meta_path} is not valid JSON ({exc.msg} at line {exc.lineno}); "
                               "restore it or re-run sparsify") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{meta_path} is not text; restore it or re-run sparsify") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path} holds a JSON {type(meta).__name__}, not an object; restore it or "
+                              "re-run sparsify")
     version = meta.get("schema_version")
     if version != SCHEMA_VERSION:
         raise CheckpointError(f"{meta_path} has schema_version {version!r}; this spartan reads {SCHEMA_VERSION}: "
@@ -193,11 +225,24 @@ def load(ckpt, *, device=None, dtype=None):
     except Exception as exc:  # safetensors/transformers raise many kinds on corrupt files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"checkpoint {str(ckpt)!r} could not be loaded ({first}); restore it or re-run sparsify") from None
-    attach_gates(model, GateConfig.from_dict(meta["gate"]))
+    attach_gates(model, _gate_config(meta, Path(ckpt)))
     if device is not None:
         model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def _gate_config(meta: dict, ckpt: Path):
+    """The GateConfig recorded in spartan.json, or CheckpointError naming the file."""
+    from spartan_cli.config import GateConfig
+    from spartan_cli.errors import SpartanError
+
+    if not isinstance(meta.get("gate"), dict):
+        raise CheckpointError(f"{ckpt / META} has no gate settings (\"gate\": {{...}}); restore it or re-run sparsify")
+    try:
+        return GateConfig.from_dict(meta["gate"])
+    except (SpartanError, TypeError) as exc:
+        raise CheckpointError(f"{ckpt / META}: {exc}; restore it or re-run sparsify") from None
 
 
 def load_trainer_state(ckpt):
@@ -212,11 +257,24 @@ def load_trainer_state(ckpt):
     if not (ckpt / STATE_JSON).is_file() or not (ckpt / STATE_TENSORS).is_file():
         raise CheckpointError(f"checkpoint {str(ckpt)!r} has no resumable trainer state (the run finished, or "
                               "never reached a checkpoint); start a new run with --overwrite")
-    meta = json.loads((ckpt / STATE_JSON).read_text())
-    tensors = load_file(str(ckpt / STATE_TENSORS))
-    rng = {k[4:]: v for k, v in tensors.items() if k.startswith("rng.")}
-    return TrainerState(
-        step=meta["step"], geco=GecoState.from_dict(meta["geco"]), tau=meta["tau"], base_ce=meta["base_ce"],
-        step0_density=meta["step0_density"], optimizer=_unflatten_optimizer(tensors, meta["optimizer"]),
-        rng=rng, tokens_seen=meta["tokens_seen"], elapsed_s=meta["elapsed_s"], bad_steps=meta["bad_steps"],
-    )
+    try:
+        tensors = load_file(str(ckpt / STATE_TENSORS))
+    except Exception as exc:  # safetensors raises its own error kinds on a corrupt file
+        raise CheckpointError(f"{ckpt / STATE_TENSORS} cannot be read ({_first_line(exc)}); restore it, or start "
+                              "a new run with --overwrite") from None
+    try:
+        meta = json.loads((ckpt / STATE_JSON).read_text())
+        rng = {k[4:]: v for k, v in tensors.items() if k.startswith("rng.")}
+        return TrainerState(
+            step=meta["step"], geco=GecoState.from_dict(meta["geco"]), tau=meta["tau"], base_ce=meta["base_ce"],
+            step0_density=meta["step0_density"], optimizer=_unflatten_optimizer(tensors, meta["optimizer"]),
+            rng=rng, tokens_seen=meta["tokens_seen"], elapsed_s=meta["elapsed_s"], bad_steps=meta["bad_steps"],
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # not JSON, or fields missing/edited
+        raise CheckpointError(f"{ckpt / STATE_JSON} is not a trainer state spartan wrote ({type(exc).__name__}: "
+                              f"{_first_line(exc)}); restore it, or start a new run with --overwrite") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

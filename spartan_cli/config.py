@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -29,6 +30,23 @@ def strict_from_dict(cls, data: Mapping[str, Any] | None, *, where: str = ""):
     return cls(**data)
 
 
+def check_types(obj, section: str) -> None:
+    """ConfigError unless every field of dataclass ``obj`` holds what its annotation says: int, a finite
+    float, str or bool (``| None`` allows None). Config files and Python callers bypass click's types."""
+    for f in fields(obj):
+        value, kind = getattr(obj, f.name), str(f.type).replace(" ", "")
+        if value is None and kind.endswith("|None"):
+            continue
+        base = kind.split("|")[0]
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = {"int": isinstance(value, int) and not isinstance(value, bool),
+              "float": number and math.isfinite(value),
+              "str": isinstance(value, str), "bool": isinstance(value, bool)}.get(base, True)
+        if not ok:
+            expected = {"int": "an integer", "float": "a finite number", "str": "a string", "bool": "true or false"}
+            raise ConfigError(f"{section}.{f.name} must be {expected[base]}, got {value!r}")
+
+
 def _positive(name: str, value, *, allow_zero: bool = False) -> None:
     ok = value >= 0 if allow_zero else value > 0
     if not ok:
@@ -46,6 +64,7 @@ class GateConfig:
     def __post_init__(self):
         from spartan_cli.gates import GATE_KINDS
 
+        check_types(self, "gate")
         if self.kind not in GATE_KINDS:
             raise ConfigError(f"gate kind {self.kind!r} is unknown; choose one of {', '.join(sorted(GATE_KINDS))}")
 
@@ -71,6 +90,7 @@ class GecoConfig:
     settle_fraction: float = 0.1  # last share of steps in which beta may only fall, so the run ends feasible
 
     def __post_init__(self):
+        check_types(self, "geco")
         _positive("geco.beta_init", self.beta_init)
         _positive("geco.beta_min", self.beta_min)
         _positive("geco.rate", self.rate, allow_zero=True)
@@ -123,6 +143,7 @@ class TrainConfig:
     checkpoint_every: int = 500  # resumable checkpoint every this many steps (0: only at the end)
 
     def __post_init__(self):
+        check_types(self, "train")
         for name in ("steps", "batch_size", "grad_accum", "log_every"):
             _positive(f"train.{name}", getattr(self, name))
         _positive("train.lr", self.lr)
