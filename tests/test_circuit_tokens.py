@@ -349,3 +349,35 @@ def test_spartan_export_reads_a_token_circuit(tmp_path, capsys):
     assert g.number_of_edges() == result.graph.n_edges
     assert {d["type"] for _, _, d in g.edges(data=True)} <= {"residual", "attn"}
     assert "->" in (tmp_path / "c.dot").read_text() and "@" in (tmp_path / "c.dot").read_text()
+
+
+@pytest.mark.slow  # two models, two sweeps over 6,403 token edges: ~10 s on a shared 2-core machine
+def test_cli_token_level_compare_base(tmp_path, capsys):
+    """`spartan circuit CKPT --level token --compare-base --json` on a gated built-in addition model: both
+    models report token edges, the ratio is base / sparse, and the files are token files."""
+    from spartan_cli import checkpoint
+    from spartan_cli.cli.main import main
+    from spartan_cli.models import load_model
+
+    model, tok, source = load_model("addition")
+    gate = GateConfig(bias=1.0)
+    attach_gates(model, gate)
+    ckpt = checkpoint.save(tmp_path / "ckpt", model, tok, meta={"gate": gate.to_dict(), "base_model": source,
+                                                                "base_model_name": "addition"})
+    argv = ["circuit", str(ckpt), "--level", "token", "--compare-base", "--n-examples", "8", "--batch-size", "8",
+            "--method", "eap", "-q", "--out", str(tmp_path / "out"), "--json"]
+    main(argv)
+    report = json.loads(capsys.readouterr().out)
+    sparse, dense = report["model"], report["base"]
+    assert sparse["gated"] and not dense["gated"] and sparse["level_kind"] == dense["level_kind"] == "token"
+    assert sparse["anatomy"]["graph"]["attention_pairs"] < dense["anatomy"]["graph"]["attention_pairs"]
+    assert dense["anatomy"]["graph"]["metric_positions"] == sparse["anatomy"]["graph"]["metric_positions"]
+    if sparse["reached"] and dense["reached"]:
+        ratio = report["comparison"]["edge_ratio"]
+        assert ratio == pytest.approx(dense["edges_needed"] / sparse["edges_needed"])
+    data = json.loads((tmp_path / "out" / "circuit.json").read_text())
+    assert data["kind"] == "token_circuit" and data["cfg"]["gated"] is True
+    assert json.loads((tmp_path / "out" / "base" / "circuit.json").read_text())["cfg"]["gated"] is False
+    with pytest.raises(SystemExit) as exc:
+        main(["circuit", str(ckpt), "--level", "token", "--method", "exact"])
+    assert exc.value.code == 1 and "token level" in capsys.readouterr().err
