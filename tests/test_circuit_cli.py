@@ -198,15 +198,19 @@ def test_config_is_strict_and_validated():
             CircuitConfig(model="m", faithfulness=bad)
     with pytest.raises(ConfigError, match="choose one of eap, eap-ig, exact"):
         CircuitConfig(model="m", method="acdc")
-    cfg = CircuitConfig(model="m", method="eap-ig")
+    with pytest.raises(ConfigError, match="gate_gradient 'soft' is unknown; choose one of hard, straight-through"):
+        CircuitConfig(model="m", gate_gradient="soft")
+    cfg = CircuitConfig(model="m", method="eap-ig", gate_gradient="straight-through")
     assert cfg.attribution == "eap-ig-inputs" and CircuitConfig.from_dict(cfg.to_dict()) == cfg
 
 
 def test_cli_choices_match_the_registries():
     from spartan_cli.circuit.select import SELECTIONS
-    from spartan_cli.cli.circuit import METHOD_CHOICES, SELECTION_CHOICES
+    from spartan_cli.circuit.attribute import GATE_GRADIENTS
+    from spartan_cli.cli.circuit import GATE_GRADIENT_CHOICES, METHOD_CHOICES, SELECTION_CHOICES
 
     assert sorted(METHOD_CHOICES) == sorted(METHOD_NAMES) and sorted(SELECTION_CHOICES) == sorted(SELECTIONS)
+    assert sorted(GATE_GRADIENT_CHOICES) == sorted(GATE_GRADIENTS)
 
 
 def test_help_imports_no_torch():

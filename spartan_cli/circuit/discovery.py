@@ -68,9 +68,10 @@ class CircuitConfig:
     device: str = "auto"
     trust_remote_code: bool = False
     level: str = "component"  # component (component graph, §3) | token (nodes at positions, §5; fixed-layout tasks)
+    gate_gradient: str = "hard"  # gated models, eap/eap-ig: backward through the gates (attribute.GATE_GRADIENTS)
 
     def __post_init__(self):
-        from spartan_cli.circuit.attribute import METHODS
+        from spartan_cli.circuit.attribute import GATE_GRADIENTS, METHODS
         from spartan_cli.circuit.select import SELECTIONS
 
         if self.method not in METHOD_NAMES and self.method not in METHODS:
@@ -88,6 +89,9 @@ class CircuitConfig:
             raise ConfigError(f"n_examples must be >= 1, got {self.n_examples!r}")
         if not self.max_delta_mb > 0:
             raise ConfigError(f"max_delta_mb must be > 0, got {self.max_delta_mb!r}")
+        if self.gate_gradient not in GATE_GRADIENTS:
+            raise ConfigError(f"gate_gradient {self.gate_gradient!r} is unknown; choose one of "
+                              f"{', '.join(sorted(GATE_GRADIENTS))}")
         if self.level not in LEVELS:
             raise ConfigError(f"level {self.level!r} is unknown; choose one of {', '.join(LEVELS)}")
         if self.level == "token" and self.method == "exact":
@@ -397,7 +401,8 @@ def find_circuit(model, tokenizer, cfg: CircuitConfig, *, task=None, name: str |
             "ig_steps": cfg.ig_steps if cfg.attribution == "eap-ig-inputs" else None, "seed": cfg.seed,
             "n_examples": len(pairs), "selection": cfg.selection, "gated": gated,
             "gates": GATES_NOTE if gated else None, "corruption": task.describe().get("corruption"),
-            "bos": task.describe().get("bos")}
+            "bos": task.describe().get("bos"),
+            "gate_gradient": cfg.gate_gradient if gated and cfg.attribution != "exact" else None}
     graph = Graph.from_model(model, meta=meta)
     timing: dict[str, float] = {}
     device = next(model.parameters()).device
@@ -420,7 +425,7 @@ def find_circuit(model, tokenizer, cfg: CircuitConfig, *, task=None, name: str |
             say(Progress(stage, min(done[0], n_batches), n_batches))
 
         scored = attribute(model, batches, metric=task.metric, method=cfg.attribution, ig_steps=cfg.ig_steps,
-                           graph=graph, max_delta_mb=cfg.max_delta_mb, on_step=on_attr)
+                           graph=graph, max_delta_mb=cfg.max_delta_mb, on_step=on_attr, gate_gradient=cfg.gate_gradient)
         timing["attribution_s"] = time.perf_counter() - t
 
         def run_sweep(sizes, label):

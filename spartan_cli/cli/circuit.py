@@ -11,6 +11,7 @@ from spartan_cli.tasks import task_names
 METHOD_CHOICES = ("eap", "eap-ig", "exact")
 SELECTION_CHOICES = ("greedy", "topn")
 LEVEL_CHOICES = ("component", "token")  # discovery.LEVELS
+GATE_GRADIENT_CHOICES = ("hard", "straight-through")  # attribute.GATE_GRADIENTS
 
 
 @click.command("circuit")
@@ -21,6 +22,9 @@ LEVEL_CHOICES = ("component", "token")  # discovery.LEVELS
               help="Edge attribution: EAP (one backward), EAP-IG on the inputs, or exact (one patched run per "
               "edge: small models only; sees gate switching that gradients miss).")
 @click.option("--ig-steps", type=click.IntRange(min=1), default=5, show_default=True, help="EAP-IG integration steps.")
+@click.option("--gate-gradient", type=click.Choice(GATE_GRADIENT_CHOICES), default="hard", show_default=True,
+              help="Gated models, eap/eap-ig: backward through the deterministic gates: hard (zero, the exact "
+              "derivative) or straight-through (sigmoid'(g), as training; the forward is unchanged).")
 @click.option("--n-examples", type=click.IntRange(min=1), default=None, help="Clean/corrupted pairs [the task's default].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Pairs per forward.")
 @click.option("--selection", type=click.Choice(SELECTION_CHOICES), default="greedy", show_default=True,
@@ -41,7 +45,7 @@ LEVEL_CHOICES = ("component", "token")  # discovery.LEVELS
 @click.option("--device", default="auto", show_default=True, help="auto (cuda if present), cpu, cuda, cuda:N.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow a hub model's own Python code to run.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
-def command(model, task, method, ig_steps, n_examples, batch_size, selection, faithfulness, level, compare_base,
+def command(model, task, method, ig_steps, gate_gradient, n_examples, batch_size, selection, faithfulness, level, compare_base,
             baseline, seed, max_delta_mb, out, as_json, device, trust_remote_code, quiet):
     """Find MODEL's circuit for a task: score every edge (input, heads with separate q/k/v inputs, MLPs,
     logits) by EAP/EAP-IG, sweep circuit sizes with edge patching, and report the edges and nodes needed
@@ -58,8 +62,8 @@ def command(model, task, method, ig_steps, n_examples, batch_size, selection, fa
     from spartan_cli.report import make_report, write_report
 
     quiet_loading()
-    cfg = CircuitConfig(model=model, task=task, method=method, ig_steps=ig_steps, n_examples=n_examples,
-                        batch_size=batch_size, selection=selection, faithfulness=faithfulness,
+    cfg = CircuitConfig(model=model, task=task, method=method, ig_steps=ig_steps, gate_gradient=gate_gradient,
+                        n_examples=n_examples, batch_size=batch_size, selection=selection, faithfulness=faithfulness,
                         compare_base=compare_base or baseline is not None, baseline=baseline, seed=seed,
                         max_delta_mb=max_delta_mb, device=device, trust_remote_code=trust_remote_code, level=level)
     with StageProgress(quiet=quiet) as progress:
