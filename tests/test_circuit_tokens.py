@@ -351,7 +351,7 @@ def test_spartan_export_reads_a_token_circuit(tmp_path, capsys):
     assert "->" in (tmp_path / "c.dot").read_text() and "@" in (tmp_path / "c.dot").read_text()
 
 
-@pytest.mark.slow  # two models, two sweeps over 6,403 token edges: ~10 s on a shared 2-core machine
+@pytest.mark.slow  # two models, two sweeps over ~6,000 token edges, plots: seconds
 def test_cli_token_level_compare_base(tmp_path, capsys):
     """`spartan circuit CKPT --level token --compare-base --json` on a gated built-in addition model: both
     models report token edges, the ratio is base / sparse, and the files are token files."""
@@ -364,7 +364,7 @@ def test_cli_token_level_compare_base(tmp_path, capsys):
     attach_gates(model, gate)
     ckpt = checkpoint.save(tmp_path / "ckpt", model, tok, meta={"gate": gate.to_dict(), "base_model": source,
                                                                 "base_model_name": "addition"})
-    argv = ["circuit", str(ckpt), "--level", "token", "--compare-base", "--n-examples", "8", "--batch-size", "8",
+    argv = ["circuit", str(ckpt), "--level", "token", "--compare-base", "--n-examples", "4", "--batch-size", "4",
             "--method", "eap", "-q", "--out", str(tmp_path / "out"), "--json"]
     main(argv)
     report = json.loads(capsys.readouterr().out)

@@ -115,11 +115,13 @@ def plot_token_circuit(graph, path, *, title: str = "token circuit") -> Path:
                                              linewidths=[0.4 + 3 * abs(a["score"]) / peak for *_, a in chosen],
                                              zorder=1, label="residual" if kind == "residual" else f"attention ({kind})"))
     colours = {"input": "#bbbbbb", "attn": "#6fa8dc", "mlp": "#f6b26b", "kv": "#b6d7a8", "logits": "#bbbbbb"}
+    for kind, colour in colours.items():  # one scatter per kind: a scatter per node costs seconds
+        points = [xy(name) for name, attrs in g.nodes(data=True) if attrs["kind"] == kind]
+        if points:
+            ax.scatter(*zip(*points), s=40, color=colour, edgecolors="black", linewidths=0.4, zorder=2)
     for name, attrs in g.nodes(data=True):
-        x, y = xy(name)
-        ax.scatter([x], [y], s=40, color=colours[attrs["kind"]], edgecolors="black", linewidths=0.4, zorder=2)
         if attrs["kind"] in ("attn", "mlp", "logits"):
-            ax.annotate(name.split("@")[0], (x, y), fontsize=5, xytext=(2, 2), textcoords="offset points")
+            ax.annotate(name.split("@")[0], xy(name), fontsize=5, xytext=(2, 2), textcoords="offset points")
     ax.set_xticks(range(graph.n_pos))
     ax.set_xlabel("position")
     ax.set_yticks([3 * layer + 2 for layer in range(graph.component.n_layers)],
