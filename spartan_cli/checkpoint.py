@@ -159,7 +159,9 @@ def save(out_dir, model, tokenizer, *, meta: dict, run_config_yaml: str | None =
         if trainer_state is None:  # a final save: drop a stale resumable state from an earlier interruption
             for name in (STATE_TENSORS, STATE_JSON):
                 (out / name).unlink(missing_ok=True)
+        mode = 0o666 & ~umask()  # safetensors (save_pretrained's too) writes 0o600: give what open() would
         for name in files:  # renames within one file system: no new space needed
+            os.chmod(staging / name, mode)
             os.replace(staging / name, out / name)
         os.replace(staging / META, out / META)
     finally:

@@ -119,3 +119,11 @@ def test_atomic_writes_honour_the_umask_like_a_plain_open(tmp_path, mask):
             raise RuntimeError("boom")
     assert (tmp_path / "new.json").read_text() == "[]\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new.json", "pairs.jsonl", "plain.txt"]
+
+    old = os.umask(mask)
+    try:  # a whole checkpoint, whose safetensors files the library itself would write 0o600
+        ckpt = checkpoint.save(tmp_path / "ckpt", BUILDERS["gpt2"](), None, meta={})
+    finally:
+        os.umask(old)
+    modes = {p.name: mode(p) for p in ckpt.iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o666 & ~mask}, modes
