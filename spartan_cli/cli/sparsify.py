@@ -61,9 +61,12 @@ def command(ctx, model, out, config_file, resume, overwrite, trust_remote_code, 
       spartan sparsify addition --out runs/addition
       spartan sparsify gpt2 --data ./text.txt --seq-len 256 --steps 20000 --out runs/gpt2
     """
+    from spartan_cli.cli.evaluate import quiet_loading
     from spartan_cli.config import read_config_file
     from spartan_cli.presets import preset_for
     from spartan_cli.run import RunConfig, merge, run_sparsify
+
+    quiet_loading()  # transformers' per-load/per-save bars: our progress (or --quiet) says enough
 
     file_cfg = read_config_file(config_file) if config_file else {}
     if resume and out is not None:  # the saved run's settings come back below the config file and flags
