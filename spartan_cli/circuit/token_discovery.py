@@ -44,10 +44,8 @@ class TokenCircuitResult:
     level: float
     timing: dict
     n_examples: int
-    top_heads: tuple = ()  # unused at token level (the component summary lists heads)
-    attention: None = None
 
-    kind = "token"
+    kind = "token"  # export.write_all and read_circuit dispatch on it
 
     @property
     def point(self) -> CurvePoint | None:
