@@ -19,6 +19,9 @@ from spartan_cli.errors import ConfigError
 
 def strict_from_dict(cls, data: Mapping[str, Any] | None, *, where: str = ""):
     """Build dataclass ``cls`` from ``data``; unknown keys raise ConfigError naming the valid ones."""
+    if data is not None and not isinstance(data, Mapping):
+        raise ConfigError(f"{where or cls.__name__} settings must be a mapping of keys to values, "
+                          f"got {type(data).__name__}: {data!r}")
     data = dict(data or {})
     valid = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - valid)

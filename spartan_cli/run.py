@@ -39,6 +39,9 @@ class RunConfig:
     trust_remote_code: bool = False
 
     def __post_init__(self):
+        if self.data is not None and not isinstance(self.data, dict):
+            raise ConfigError(f"config section 'data' must be a mapping of settings, got {type(self.data).__name__}: "
+                              f"{self.data!r}")
         if self.model == "addition" and self.data:
             raise ConfigError("the built-in addition model brings its own data; drop --data")
 

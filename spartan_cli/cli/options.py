@@ -31,7 +31,13 @@ def apply_flags(ctx: click.Context, config: dict, flags: list[Flag]) -> dict:
         if flag.section is None:
             config[flag.key] = value
         else:
-            section = dict(config.get(flag.section) or {})
+            existing = config.get(flag.section)
+            if existing is not None and not isinstance(existing, dict):
+                from spartan_cli.errors import ConfigError
+
+                raise ConfigError(f"config section {flag.section!r} must be a mapping of settings, got "
+                                  f"{type(existing).__name__}: {existing!r}")
+            section = dict(existing or {})
             section[flag.key] = value
             config[flag.section] = section
     return config
