@@ -381,3 +381,22 @@ def test_cli_token_level_compare_base(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["circuit", str(ckpt), "--level", "token", "--method", "exact"])
     assert exc.value.code == 1 and "token level" in capsys.readouterr().err
+
+
+def test_token_table_shows_both_models_and_their_ratio(capsys, monkeypatch):
+    from spartan_cli.circuit.discovery import CircuitRun
+
+    monkeypatch.setenv("COLUMNS", "200")  # rich wraps cells at the terminal width
+    from spartan_cli.cli.circuit import _print_token_tables
+
+    cfg = CircuitConfig(model="micro", method="eap", n_examples=6, batch_size=6, level="token", refine_rounds=0,
+                        faithfulness=0.5)
+    sparse = find_circuit(_model("gpt2", gated=True, bias=0.5), None, cfg, task=_Pairs(), name="sparse")
+    dense = find_circuit(_model("gpt2", gated=False), None, cfg, task=_Pairs(), name="dense")
+    run = CircuitRun(model=sparse, base=dense, config={"method": "eap", "selection": "greedy"},
+                     task={"task": "pairs", "metric": "logit_diff"})
+    _print_token_tables(run)
+    out = capsys.readouterr().out
+    assert "token edges for F >= 0.5" in out and "of which the corruption reaches" in out
+    assert f"{run.edge_ratio:.1f}x" in out
+    assert f"{sparse.point.edges:,} / {sparse.curve.total_edges:,}" in out

@@ -85,6 +85,7 @@ class TokenCircuitResult:
             "residual_edges": int(g.in_graph[:g.n_residual].sum()), "attention_edges": len(attn),
             "attention_pairs": g.attention_pairs_in_circuit(),
             "graph": {"token_edges": g.n_real_edges, "residual_edges": g.n_residual, "attention_edges": g.n_attn,
+                      "scored_edges": int((g.scores != 0).sum()),  # edges the corruption reaches (others are no-ops)
                       "attention_pairs": int(g.attn_pairs.sum()), "positions": g.n_pos,
                       "metric_positions": list(g.metric_positions)},
             "component": {"edges": comp.n_edges, "nodes": comp.n_nodes, "total_edges": comp.n_real_edges,

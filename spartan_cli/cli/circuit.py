@@ -218,6 +218,8 @@ def _print_token_tables(run) -> None:
                                               for a in anatomy], *both(lambda a: a["component"]["edges"]))
     row("graph: token edges (attention pairs)", [f"{a['graph']['token_edges']:,} ({a['graph']['attention_pairs']:,})"
                                                 for a in anatomy], *both(lambda a: a["graph"]["token_edges"]))
+    row("  of which the corruption reaches", [f"{a['graph']['scored_edges']:,}" for a in anatomy],
+        *both(lambda a: a["graph"]["scored_edges"]))
     row("time: attribute + sweep", [f"{s['timing']['attribution_s']:.1f}s + "
                                        f"{s['timing']['sweep_s'] + s['timing']['refine_s']:.1f}s" for s in summaries])
     console = Console()
