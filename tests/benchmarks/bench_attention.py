@@ -13,7 +13,8 @@ Run explicitly (marker ``benchmark``; off by default), or as a script:
 A training step is what the trainer does: forward with labels, loss (gated: CE + beta * R with R the mean
 gate-open probability, recorded by the attention), backward, gradient clipping, fused AdamW step; dropout off.
 Times: one model whose attention implementation is switched between steps, implementations interleaved in
-every round (shared CPUs drift), medians of ``repeats`` rounds after a warm-up round.
+every round (shared CPUs drift), the best of ``repeats`` rounds after a warm-up round (other jobs on shared
+cores only ever slow a run down; the medians are kept in the JSON too).
 Memory: each (implementation, length) in a fresh process (glibc told to return large blocks at once):
   peak     the process's peak resident memory during a step (weights, gradients, AdamW state, activations)
   step     that peak minus the resident memory before the step (what the step itself adds)
@@ -42,15 +43,16 @@ BETA = 0.01  # any positive multiplier: the regulariser's backward is part of a 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def gpt2_small(seed: int = 0):
+def gpt2_small(seed: int = 0, chunk_mb: float | None = None):
+    """``chunk_mb``: the gated attention's chunking threshold (None: the default, attention.CHUNK_MB)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from spartan_cli.attention import attach_gates
+    from spartan_cli.attention import CHUNK_MB, attach_gates
 
     torch.manual_seed(seed)
     cfg = GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # dropout off, as in post-training
     model = GPT2LMHeadModel(cfg)  # the GPT-2 small shape, random weights
-    attach_gates(model)  # gate states stay on the modules; set_impl picks which attention runs
+    attach_gates(model, chunk_mb=CHUNK_MB if chunk_mb is None else chunk_mb)  # set_impl picks what runs
     return model
 
 
@@ -119,12 +121,15 @@ def time_steps(model, *, batch: int, seq: int, repeats: int, impls=IMPLS) -> dic
     for r in range(repeats + 1):  # round 0 warms up (allocator, AdamW state, kernels)
         for impl in impls:
             s = _timed(lambda: trainer.step(ids, impl))
-            f = _timed(lambda: forward(impl))
+            f = min(_timed(lambda: forward(impl)) for _ in range(2))
             if r:
                 step_s[impl].append(s)
                 fwd_s[impl].append(f)
-    return {"step_s": {k: statistics.median(v) for k, v in step_s.items()},
-            "forward_s": {k: statistics.median(v) for k, v in fwd_s.items()}}
+    return {"step_s": {k: min(v) for k, v in step_s.items()},
+            "forward_s": {k: min(v) for k, v in fwd_s.items()},
+            "step_median_s": {k: statistics.median(v) for k, v in step_s.items()},
+            "forward_median_s": {k: statistics.median(v) for k, v in fwd_s.items()},
+            "samples": {"step_s": step_s, "forward_s": fwd_s}}
 
 
 # ---- memory, one fresh process per measurement ----
@@ -136,9 +141,9 @@ def _rss_bytes(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def memory_worker(impl: str, batch: int, seq: int) -> dict:
+def memory_worker(impl: str, batch: int, seq: int, chunk_mb: float | None = None) -> dict:
     """In this process: peak resident memory of one training step of ``impl`` (after a warm-up step)."""
-    model = gpt2_small()
+    model = gpt2_small(chunk_mb=chunk_mb)
     trainer = Trainer(model)
     ids = batch_ids(batch, seq)
     trainer.step(ids, impl)  # allocates AdamW state; the measured step starts from the resting state
@@ -163,11 +168,11 @@ def memory_worker(impl: str, batch: int, seq: int) -> dict:
     return {"impl": impl, "batch": batch, "seq": seq, "peak": peak, "step": peak - rest, "saved": sum(saved.values())}
 
 
-def memory(impl: str, *, batch: int, seq: int, threads: int) -> dict:
+def memory(impl: str, *, batch: int, seq: int, threads: int, chunk_mb: float | None = None) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072",
            "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, __file__, "--memory-worker", impl, "--batch", str(batch), "--seq", str(seq),
-           "--threads", str(threads)]
+           "--threads", str(threads)] + ([] if chunk_mb is None else ["--chunk-mb", str(chunk_mb)])
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-2000:])
@@ -199,15 +204,16 @@ def report_point(t: dict, mem: dict, *, batch: int, seq: int) -> list[str]:
     return lines
 
 
-def measure(*, batch: int = 4, seq: int = 256, repeats: int = 3, threads: int = THREADS) -> dict:
+def measure(*, batch: int = 4, seq: int = 256, repeats: int = 3, threads: int = THREADS,
+            chunk_mb: float | None = None) -> dict:
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        t = time_steps(gpt2_small(), batch=batch, seq=seq, repeats=repeats)
+        t = time_steps(gpt2_small(chunk_mb=chunk_mb), batch=batch, seq=seq, repeats=repeats)
     finally:
         torch.set_num_threads(saved_threads)
-    mem = {impl: memory(impl, batch=batch, seq=seq, threads=threads) for impl in IMPLS}
-    return {"batch": batch, "seq": seq, "threads": threads, "time": t, "memory": mem}
+    mem = {impl: memory(impl, batch=batch, seq=seq, threads=threads, chunk_mb=chunk_mb) for impl in IMPLS}
+    return {"batch": batch, "seq": seq, "threads": threads, "chunk_mb": chunk_mb, "time": t, "memory": mem}
 
 
 def sweep_lines(points: list[dict]) -> list[str]:
@@ -244,23 +250,26 @@ def main() -> None:
     parser.add_argument("--sweep-batch", type=int, default=None, help="batch for (d) [--batch]")
     parser.add_argument("--sweep-repeats", type=int, default=1)
     parser.add_argument("--skip-point", action="store_true", help="only the (d) sweep")
+    parser.add_argument("--chunk-mb", type=float, default=None,
+                        help="gated attention's chunking threshold in MiB (small: every call query-chunked)")
     parser.add_argument("--json", default=None, help="also write every measurement to this JSON file")
     parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_worker:
         torch.set_num_threads(args.threads)
-        print(json.dumps(memory_worker(args.memory_worker, args.batch, args.seq)))
+        print(json.dumps(memory_worker(args.memory_worker, args.batch, args.seq, args.chunk_mb)))
         return
     results = {}
     if not args.skip_point:
-        r = measure(batch=args.batch, seq=args.seq, repeats=args.repeats, threads=args.threads)
+        r = measure(batch=args.batch, seq=args.seq, repeats=args.repeats, threads=args.threads, chunk_mb=args.chunk_mb)
         results["point"] = r
         print("\n".join(report_point(r["time"], r["memory"], batch=args.batch, seq=args.seq)), flush=True)
     if args.sweep:
         sb = args.sweep_batch or args.batch
         points = []
         for seq in (int(s) for s in args.sweep.split(",")):
-            points.append(measure(batch=sb, seq=seq, repeats=args.sweep_repeats, threads=args.threads))
+            points.append(measure(batch=sb, seq=seq, repeats=args.sweep_repeats, threads=args.threads,
+                                  chunk_mb=args.chunk_mb))
             print(f"  ... seq {seq} measured", flush=True)
         results["sweep"] = points
         print(f"(d) growth with sequence length, batch {sb}, {args.threads} thread(s):")
