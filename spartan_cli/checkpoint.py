@@ -107,8 +107,10 @@ def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save(out_dir, model, tokenizer, *, meta: dict, run_config_yaml: str | None = None, trainer_state=None) -> Path:
+def save(out_dir, model, tokenizer, *, meta: dict, run_config_yaml: str | None = None, trainer_state=None,
+         state_dict: dict | None = None) -> Path:
     """Write a checkpoint into ``out_dir`` atomically (see module docstring) and return its path.
+    ``state_dict``: the full weights to write instead of ``model.state_dict()`` (a sharded model's, gathered).
 
     Every byte is written (and fsynced) in the staging folder before anything in ``out_dir`` is replaced, and
     spartan.json is moved in last: a write that fails (disk full) leaves the previous checkpoint as it was,
@@ -116,12 +118,12 @@ def save(out_dir, model, tokenizer, *, meta: dict, run_config_yaml: str | None =
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    _check_finite(model, out)
+    _check_finite(model.state_dict() if state_dict is None else state_dict, out)
     staging = None
     try:
         out.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=out, prefix=".staging-"))
-        model.save_pretrained(staging, safe_serialization=True)
+        model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         if run_config_yaml is not None:
@@ -169,11 +171,11 @@ def save(out_dir, model, tokenizer, *, meta: dict, run_config_yaml: str | None =
     return out
 
 
-def _check_finite(model, out: Path) -> None:
+def _check_finite(weights: dict, out: Path) -> None:
     """CheckpointError if any floating-point weight holds NaN or inf: such a model is never written."""
     import torch
 
-    for name, tensor in model.state_dict().items():
+    for name, tensor in weights.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise CheckpointError(f"refusing to write {str(out)!r}: weight {name} holds NaN or inf; the previous "
                                   "checkpoint there is untouched: lower --lr or use --dtype float32 and --resume")

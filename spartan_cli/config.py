@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from spartan_cli.distributed import PARALLEL  # torch-free at import
 from spartan_cli.errors import ConfigError
 
 
@@ -144,6 +145,7 @@ class TrainConfig:
     eval_every: int = 200  # held-out deterministic CE/density every this many steps (0: only at the end)
     eval_batches: int = 8  # held-out batches per periodic evaluation
     checkpoint_every: int = 500  # resumable checkpoint every this many steps (0: only at the end)
+    parallel: str = "ddp"  # how ranks hold the model under torchrun/accelerate: ddp | fsdp (distributed.PARALLEL)
 
     def __post_init__(self):
         check_types(self, "train")
@@ -153,7 +155,8 @@ class TrainConfig:
         for name in ("lr_warmup_steps", "weight_decay", "grad_clip", "tolerance", "eval_every", "checkpoint_every"):
             _positive(f"train.{name}", getattr(self, name), allow_zero=True)
         _positive("train.eval_batches", self.eval_batches)
-        for name, allowed in (("schedule", SCHEDULES), ("trainable", TRAINABLE), ("dtype", DTYPES)):
+        for name, allowed in (("schedule", SCHEDULES), ("trainable", TRAINABLE), ("dtype", DTYPES),
+                              ("parallel", tuple(sorted(PARALLEL)))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"train.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
 

@@ -165,7 +165,7 @@ def run_sparsify(
         say(f"loading model {cfg.model}")
         model, tokenizer, source = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
         attach_gates(model, cfg.gate)
-    model.to(device)
+    distributed.place(model, device, world, cfg.train.parallel)  # whole, or this rank's FSDP shards
     splits = _load_data(cfg, tokenizer, model)
     say(f"data: {len(splits.train)} training blocks, {len(splits.heldout)} held-out blocks of {splits.train.seq_len} tokens")
 
@@ -190,11 +190,13 @@ def run_sparsify(
             on_step(rec)
 
     def save_state(st, final: dict | None = None):
+        weights = distributed.full_state_dict(model, world)  # FSDP: every rank joins the gather; else None
         if not main:  # rank 0 writes every checkpoint
             return
         meta = {**base_meta, "target_loss": st.tau, "base_ce": st.base_ce, "step": st.step,
                 "step0_density": st.step0_density, "final": final}
-        checkpoint.save(out, model, tokenizer, meta=meta, run_config_yaml=run_yaml, trainer_state=st)
+        checkpoint.save(out, model, tokenizer, meta=meta, run_config_yaml=run_yaml, trainer_state=st,
+                        state_dict=weights)
 
     scfg = SparsifyConfig(gate=cfg.gate, geco=cfg.geco, train=cfg.train)
     result, final_state = sparsify(model, splits, scfg, on_step=log_step, on_checkpoint=save_state,
@@ -210,7 +212,7 @@ def run_sparsify(
         "tokens_per_s": result.tokens_per_s, "elapsed_s": result.elapsed_s,
         "density_per_head": result.density_per_head,
     }
-    if not result.interrupted and main:
+    if not result.interrupted:  # on every rank: a sharded model's forward needs them all
         say("measuring task metrics")
         summary.update(task_metrics(cfg.model, model))
     save_state(final_state, final=summary)

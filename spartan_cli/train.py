@@ -190,6 +190,10 @@ def sparsify(
         s.generator = row_gens
     eval_bs = max(tc.batch_size, 8)
 
+    trainable_parameters(model, tc.trainable)  # requires_grad set before wrapping: FSDP keeps it on the shards
+    step_model = distributed.wrap(model, world, tc.parallel)  # DDP, or FSDP sharding in place; model itself alone
+    params = trainable_parameters(model, tc.trainable)  # after wrapping: FSDP replaces parameters by shards
+
     if resume is None:
         torch.manual_seed(tc.seed)
         with gates_open(model):
@@ -202,12 +206,10 @@ def sparsify(
     else:
         state = resume
 
-    params = trainable_parameters(model, tc.trainable)
-    step_model = distributed.wrap(model, world)  # DDP averages gradients across ranks; model itself when alone
     # fused: one kernel over all parameters (the per-tensor loop took ~10 s a step for a 135M model on CPU)
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.95), fused=True)
     if resume is not None:
-        opt.load_state_dict(resume.optimizer)
+        opt.load_state_dict(distributed.shard_optimizer_state(resume.optimizer, opt))  # full -> this rank's shards
         _set_rng_state(resume.rng)
 
     n_train = len(data.train)
@@ -218,7 +220,7 @@ def sparsify(
 
     def snapshot() -> TrainerState:
         state.geco = geco
-        state.optimizer = opt.state_dict()
+        state.optimizer = distributed.optimizer_state(opt, world)  # full moments, whatever the wrapper
         state.rng = _rng_state()
         state.elapsed_s = time.perf_counter() - t_start
         return state
@@ -241,8 +243,8 @@ def sparsify(
                     gen.manual_seed(distributed.row_seed(tc.seed, index, world.rank * local_bs + r))
                 ids = data.train.input_ids[rows].to(device)  # (local batch, pos)
                 labels = data.train.labels[rows].to(device)
-                last = a == tc.grad_accum - 1  # DDP all-reduces gradients on the last micro-batch only
-                with step_model.no_sync() if world.distributed and not last else nullcontext():
+                last = a == tc.grad_accum - 1  # ddp syncs gradients on the last micro-batch only
+                with distributed.accumulating(step_model, world, tc.parallel, last=last):
                     with autocast() if autocast else nullcontext():
                         out = step_model(input_ids=ids, labels=labels)
                     ce = out.loss.float()  # mean over this rank's scored tokens

@@ -86,26 +86,33 @@ def _log(out):
     return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.slow  # two torchrun launches of two interpreters each (~30 s on 2 busy cores)
-def test_two_processes_with_a_resume_match_one_process(tiny_gpt2_dir, tiny_text_file, tmp_path, capsys):
-    from safetensors.torch import load_file
-
+def _reference(tiny_gpt2_dir, tiny_text_file, tmp_path, capsys):
+    """The one-process run both wrappers are held to (one thread, like each torchrun rank)."""
     from spartan_cli.cli.main import main
 
     config = tmp_path / "run.yaml"
     config.write_text(RUN_YAML)
-    one, two = tmp_path / "one", tmp_path / "two"
+    one = tmp_path / "one"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         main(_args(tiny_gpt2_dir, tiny_text_file, one, config, 6))
     finally:
         torch.set_num_threads(threads)
-    ref = json.loads(capsys.readouterr().out)
+    return config, one, json.loads(capsys.readouterr().out)
 
-    half = _torchrun(_args(tiny_gpt2_dir, tiny_text_file, two, config, 3), tmp_path)
+
+@pytest.mark.slow  # two torchrun launches of two interpreters each, per wrapper (~30 s on 2 busy cores)
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_with_a_resume_match_one_process(parallel, tiny_gpt2_dir, tiny_text_file, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    config, one, ref = _reference(tiny_gpt2_dir, tiny_text_file, tmp_path, capsys)
+    two = tmp_path / "two"
+    how = ["--parallel", parallel]
+    half = _torchrun(_args(tiny_gpt2_dir, tiny_text_file, two, config, 3) + how, tmp_path)
     assert half["steps"] == 3
-    full = _torchrun(_args(tiny_gpt2_dir, tiny_text_file, two, config, 6) + ["--resume"], tmp_path)
+    full = _torchrun(_args(tiny_gpt2_dir, tiny_text_file, two, config, 6) + how + ["--resume"], tmp_path)
     assert full["steps"] == 6 and ref["steps"] == 6
 
     a, b = _log(one), _log(two)
@@ -117,8 +124,11 @@ def test_two_processes_with_a_resume_match_one_process(tiny_gpt2_dir, tiny_text_
             assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), (ra["step"], key, ra[key], rb[key])
     for key in ("base_ce", "target_loss", "ce", "density", "beta", "step0_density"):
         assert full[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), key
+    # the checkpoint is what one process writes: same files, same keys and shapes, full (unsharded) tensors
+    assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in two.iterdir())
     wa, wb = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))
-    assert wa.keys() == wb.keys()
+    assert wa.keys() == wb.keys() and all(wa[k].shape == wb[k].shape for k in wa)
+    assert json.loads((two / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
     start = load_file(str(tiny_gpt2_dir / "model.safetensors"))
     moved = max(float((wa[k] - start[k]).abs().max()) for k in wa if k in start)
     diff = max(float((wa[k] - wb[k]).abs().max()) for k in wa)

@@ -9,6 +9,7 @@ import sys
 import click
 
 from spartan_cli.cli.options import Flag, add_flags, apply_flags
+from spartan_cli.distributed import PARALLEL  # torch-free at import
 
 FLAGS = [
     Flag("--data", "data", "source", str, "Training text: a .txt/.jsonl/.parquet file, a folder of them, or a hub dataset."),
@@ -28,6 +29,9 @@ FLAGS = [
     Flag("--seed", "train", "seed", int, "Seed for data order and gate noise [0]."),
     Flag("--device", "train", "device", str, "auto (cuda if present), cpu, cuda, cuda:N [auto]."),
     Flag("--dtype", "train", "dtype", click.Choice(["auto", "float32", "bfloat16"]), "auto: bf16 autocast on CUDA, fp32 on CPU; gate maths is fp32 [auto]."),
+    Flag("--parallel", "train", "parallel", click.Choice(sorted(PARALLEL)),
+         "Under torchrun / accelerate launch: ddp (each rank holds the whole model) or fsdp (weights, gradients and "
+         "optimizer state sharded per decoder block, for models that do not fit one GPU) [ddp]."),
     Flag("--log-every", "train", "log_every", click.IntRange(min=1), "Log a step every N steps [10]."),
     Flag("--eval-every", "train", "eval_every", click.IntRange(min=0), "Held-out evaluation every N steps, 0 = end only [200]."),
     Flag("--checkpoint-every", "train", "checkpoint_every", click.IntRange(min=0), "Resumable checkpoint every N steps, 0 = end only [500]."),
