@@ -161,7 +161,7 @@ def _kernel_path(chunked: bool):
 
     def path(module, state: GateState, query, key, value, allowed, scaling, dropout):
         gating = _gating(module, state, query.device)
-        masks = Masks.from_allowed(allowed)
+        masks = Masks.from_allowed(allowed, state.cfg.bias)
         with torch.autocast(device_type=query.device.type, enabled=False):
             q, k = query.float(), key.float()  # (batch, n_heads, q|k, d_head) fp32
         if chunked:

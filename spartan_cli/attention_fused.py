@@ -2,10 +2,10 @@
 
 Same maths as the autograd composition in ``attention.reference_attention`` (METHOD.md, "Gated attention"),
 in fewer passes over the (batch, n_heads, q, k) tensors and with less kept for the backward:
-1. s = q k^T * scaling (fp32) plus an additive mask (0 where a query may read a key, finfo.min where not),
-   so no boolean tensor the size of s is ever built (boolean ops are slow on CPUs) and every gate of a
+1. g = q k^T * scaling + c in one pass (fp32), with c = b where a query may read a key and finfo.min where
+   not: no boolean tensor the size of g is ever built (boolean ops are slow on CPUs) and every gate of a
    pair the query may not read is shut by its own logit (g ~ finfo.min).
-2. P = softmax(s); then s becomes g = s + b in place.
+2. P = softmax(g), which is softmax(s) (softmax ignores a constant shift; equal up to float rounding).
 3. Gates as float 0/1: sampled M = 1[g + l > 0] with logistic noise l drawn exactly as the reference
    draws it (same generator, same shape, same ops, so the same bits), deterministic 1[g > 0], or forced.
 4. y = (P * M) v.  When recording, the density term sum sigmoid(g) / allowed pairs and the open counts.
@@ -49,13 +49,13 @@ class Gating:
 class Masks:
     """The keys each query may read, in the two forms the paths use."""
 
-    additive: torch.Tensor  # (batch|1, 1, q, k) fp32: 0 allowed, finfo.min not
+    additive: torch.Tensor  # (batch|1, 1, q, k) fp32: the gate bias b where allowed, finfo.min where not
     allowed: torch.Tensor  # (batch|1, 1, q, k) bool
     n_allowed: torch.Tensor  # (batch|1, 1) fp32 allowed pairs per sequence, at least 1
 
     @classmethod
-    def from_allowed(cls, allowed: torch.Tensor) -> "Masks":
-        additive = torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device)
+    def from_allowed(cls, allowed: torch.Tensor, bias: float) -> "Masks":
+        additive = torch.full(allowed.shape, float(bias), dtype=torch.float32, device=allowed.device)
         additive.masked_fill_(~allowed, torch.finfo(torch.float32).min)
         n = allowed.sum(dim=(-1, -2)).clamp_min(1).to(torch.float32)
         return cls(additive=additive, allowed=allowed, n_allowed=n)
@@ -108,10 +108,9 @@ def forward_block(q, k, v, masks: Masks, scaling: float, gating: Gating, rows: s
     """Gated attention of query block ``q`` (batch, n_heads, rows, d_head) fp32 against keys k (batch,
     n_heads, keys, d_head) fp32 and values v (batch, n_heads, keys, d_v); ``masks`` cut to the block.
     ``keep``: keep what the backward needs. ``noise``: the block's U(0, 1) draws, else drawn here."""
-    s = torch.matmul(q, k.transpose(-1, -2))  # (batch, n_heads, rows, keys) fp32
-    s.mul_(scaling).add_(masks.additive)
-    p = torch.softmax(s, dim=-1)  # P, (batch, n_heads, rows, k)
-    g = s.add_(gating.bias)  # g = s + b in place; ~finfo.min where a query may not read the key
+    s = torch.matmul(q, k.transpose(-1, -2))  # q.k, (batch, n_heads, rows, keys) fp32
+    g = torch.add(masks.additive, s, alpha=scaling, out=s)  # g = s + b; ~finfo.min where a query may not read
+    p = torch.softmax(g, dim=-1)  # P = softmax(s): the shift b cancels, (batch, n_heads, rows, keys)
     block = Block(out=None)
     if gating.keep_logits:
         block.gate_logits = g.masked_fill(~masks.allowed, float("-inf"))
