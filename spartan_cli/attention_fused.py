@@ -97,7 +97,6 @@ class Block:
     out: torch.Tensor  # (batch, n_heads, rows, d_head) in v's dtype
     density_sum: torch.Tensor | None = None  # (batch, n_heads) sum of sigmoid(g) over allowed pairs
     open_pairs: torch.Tensor | None = None  # (batch, n_heads) int64 count of 1[g > 0] over allowed pairs
-    weights: torch.Tensor | None = None  # A = P * M (batch, n_heads, rows, k) fp32
     saved: dict = field(default_factory=dict)  # what backward_block needs: P, sz, sg, m
     gate_logits: torch.Tensor | None = None
     pattern: torch.Tensor | None = None
@@ -124,7 +123,7 @@ def forward_block(q, k, v, masks: Masks, scaling: float, gating: Gating, rows: s
             noise = draw_noise(g.shape, generator=gating.generator, device=g.device, rows=rows, keys=keys)
         u = noise.clamp(NOISE_EPS, 1.0 - NOISE_EPS)
         z = torch.log(u)
-        z.sub_(u.neg_().log1p_()).add_(g)  # z = g + (log u - log(1 - u)): the reference's ops, the same bits
+        z.sub_(u.neg_().log1p_()).add_(g)  # z = g + l, l = log u - log(1 - u): the reference's ops and bits
         m = torch.gt(z, 0, out=u)  # M = 1[g + l > 0] as float 0/1, in u's buffer
         sz = z.sigmoid_()  # sigmoid(g + l)
     else:
@@ -138,7 +137,6 @@ def forward_block(q, k, v, masks: Masks, scaling: float, gating: Gating, rows: s
             block.saved["sg"] = sg
     a = p * m if keep else p.mul_(m)  # A = P * M
     block.out = torch.matmul(a.to(v.dtype), v)  # (batch, n_heads, rows, d_v)
-    block.weights = a
     if keep:
         block.saved["p"] = p
         if sz is not None:
