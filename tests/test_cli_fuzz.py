@@ -175,7 +175,10 @@ def places(tmp_path_factory, tiny_gpt2_dir, tiny_text_file):
             "cfg_data_type": str(root / "data_type.yaml")}
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+SLOW = {"evaluate: baseline missing"}  # the baseline is loaded after the checkpoint has been measured
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW else c for c in sorted(CASES)])
 def test_bad_value_is_one_line_and_exit_1(case, places, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     args = [a.format(**places) for a in CASES[case]]
