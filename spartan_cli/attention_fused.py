@@ -9,8 +9,9 @@ in fewer passes over the (batch, n_heads, q, k) tensors and with less kept for t
 3. Gates as float 0/1: sampled M = 1[g + l > 0] with logistic noise l drawn exactly as the reference
    draws it (same generator, same shape, same ops, so the same bits), deterministic 1[g > 0], or forced.
 4. y = (P * M) v.  When recording, the density term sum sigmoid(g) / allowed pairs and the open counts.
-The backward needs P, sigmoid(g + l) (whose sign carries M: sigmoid(z) >= 1/2 exactly when a sampled gate
-is open) and, when recording, sigmoid(g): 12 bytes per (query, key) pair against autograd's 30-odd.
+The backward keeps 4 bytes per (query, key) pair (autograd's composition kept 30-odd, eager attention 4-5):
+sigmoid(g + l), whose sign carries M (sigmoid(z) >= 1/2 exactly when a sampled gate is open), and a
+log-sum-exp per query row; it recomputes g = q k^T * scaling + c, P = exp(g - lse) and sigmoid(g).
     dA  = dy v^T                       dv = A^T dy                with A = P * M
     ds  = A * dA - P * rowsum(A * dA)                             softmax, through the open gates
         + sigmoid'(g + l) * P * dA                                straight-through sample
@@ -103,10 +104,12 @@ class Block:
 
 
 def forward_block(q, k, v, masks: Masks, scaling: float, gating: Gating, rows: slice, keys: slice, *, keep: bool,
-                  noise: torch.Tensor | None = None) -> Block:
+                  noise: torch.Tensor | None = None, compact: bool = False) -> Block:
     """Gated attention of query block ``q`` (batch, n_heads, rows, d_head) fp32 against keys k (batch,
     n_heads, keys, d_head) fp32 and values v (batch, n_heads, keys, d_v); ``masks`` cut to the block.
-    ``keep``: keep what the backward needs. ``noise``: the block's U(0, 1) draws, else drawn here."""
+    ``keep``: keep what the backward needs: P, sigmoid(g) and M or signed sigmoid(g + l), or with ``compact``
+    only the row log-sum-exp of g and the signed sigmoid(g + l) (the backward recomputes g from q and k).
+    ``noise``: the block's U(0, 1) draws, else drawn here."""
     s = torch.matmul(q, k.transpose(-1, -2))  # q.k, (batch, n_heads, rows, keys) fp32
     g = torch.add(masks.additive, s, alpha=scaling, out=s)  # g = s + b; ~finfo.min where a query may not read
     p = torch.softmax(g, dim=-1)  # P = softmax(s): the shift b cancels, (batch, n_heads, rows, keys)
@@ -133,23 +136,44 @@ def forward_block(q, k, v, masks: Masks, scaling: float, gating: Gating, rows: s
         block.density_sum = sg.sum(dim=(-1, -2))
         opened = m if (gating.forced is None and not gating.sample) else torch.gt(g, 0, out=torch.empty_like(g))
         block.open_pairs = opened.sum(dim=(-1, -2)).to(torch.int64)  # exact: a block has < 2^24 pairs per head
-        if keep:
+        if keep and not compact:
             block.saved["sg"] = sg
-    a = p * m if keep else p.mul_(m)  # A = P * M
+    if keep and compact:
+        block.saved["lse"] = torch.logsumexp(g, dim=-1, keepdim=True)  # (batch, n_heads, rows, 1): P = exp(g - lse)
+    a = p * m if keep and not compact else p.mul_(m)  # A = P * M
     block.out = torch.matmul(a.to(v.dtype), v)  # (batch, n_heads, rows, d_v)
     if keep:
-        block.saved["p"] = p
         if sz is not None:
             block.saved["sz"] = sz.mul_(m.mul_(2.0).sub_(1.0))  # sign: +sigmoid(z) where open, -sigmoid(z) where shut
-        else:
-            block.saved["m"] = m
+        if not compact:
+            block.saved["p"] = p
+            if sz is None:
+                block.saved["m"] = m
     return block
 
 
-def backward_block(q, k, v, saved: dict, scaling: float, dy, d_density, n_allowed):
+def _recompute(q, k, saved: dict, masks: Masks, scaling: float, forced) -> dict:
+    """A compact block's P (from g and the row log-sum-exp), M and sigmoid(g), from q and k again."""
+    s = torch.matmul(q, k.transpose(-1, -2))  # (batch, n_heads, rows, keys)
+    g = torch.add(masks.additive, s, alpha=scaling, out=s)  # the forward's g, bit for bit
+    out = {"p": torch.sub(g, saved["lse"]).exp_(), "sg": torch.sigmoid(g)}
+    if "sz" in saved:
+        out["sz"] = saved["sz"]
+    elif forced is not None:
+        out["m"] = (forced * masks.allowed).to(torch.float32).expand_as(g)
+    else:
+        out["m"] = torch.gt(g, 0, out=g)  # 1[g > 0], as the forward drew it
+    return out
+
+
+def backward_block(q, k, v, saved: dict, scaling: float, dy, d_density, n_allowed, *, masks: Masks | None = None,
+                   forced=None):
     """Gradients of one query block: returns (dq (batch, n_heads, rows, d_head) fp32, dk, dv) where dk, dv
     are this block's contributions over every key (dv None when ``dy`` is None). ``dy``: (batch, n_heads,
-    rows, d_v) or None; ``d_density``: (batch, n_heads) or None."""
+    rows, d_v) or None; ``d_density``: (batch, n_heads) or None. A compact ``saved`` (row log-sum-exp) is
+    expanded first, which needs the block's ``masks`` and ``forced`` gates."""
+    if "lse" in saved:
+        saved = _recompute(q, k, saved, masks, scaling, forced)
     p = saved["p"]
     ds, dv = None, None
     if dy is not None:
@@ -189,7 +213,7 @@ class Blocks:
 
 
 def run_blocks(q, k, v, masks: Masks, scaling: float, gating: Gating, blocks: list, *, keep: bool,
-               noise: torch.Tensor | None = None, before_block=None) -> Blocks:
+               noise: torch.Tensor | None = None, before_block=None, compact: bool = False) -> Blocks:
     """``forward_block`` over ``blocks`` [(rows, keys)], assembling the output and summing the stats.
     ``noise``: U(0, 1) for all (q, k) pairs, sliced per block; ``before_block(i)`` may return the
     generator (or generators) block i draws its noise from."""
@@ -203,7 +227,7 @@ def run_blocks(q, k, v, masks: Masks, scaling: float, gating: Gating, blocks: li
         if gating.forced is not None and gating.forced.dim() == 4 and gating.forced.shape[-2] > 1:
             block_gating = dataclasses.replace(block_gating, forced=gating.forced[..., rows, keys])
         block = forward_block(q[:, :, rows], k[:, :, keys], v[:, :, keys], masks.block(rows, keys), scaling,
-                              block_gating, rows, keys, keep=keep,
+                              block_gating, rows, keys, keep=keep, compact=compact,
                               noise=None if noise is None else noise[:, :, rows, keys])
         out[:, :, rows] = block.out
         if gating.record:
@@ -218,15 +242,19 @@ def run_blocks(q, k, v, masks: Masks, scaling: float, gating: Gating, blocks: li
     return Blocks(out=out, density_sum=density_sum, side=side, saved=saved)
 
 
-def backward_blocks(q, k, v, masks: Masks, scaling: float, blocks: list, saved_of, d_out, d_density):
+def backward_blocks(q, k, v, masks: Masks, scaling: float, blocks: list, saved_of, d_out, d_density, forced=None):
     """Sum ``backward_block`` over ``blocks``; ``saved_of(i)`` gives block i's saved dict -> (dq, dk, dv)."""
     dq = torch.zeros_like(q)
     dk = torch.zeros_like(k)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device) if d_out is not None else None
     for i, (rows, keys) in enumerate(blocks):
         dy = None if d_out is None else d_out[:, :, rows]
+        block_forced = forced
+        if forced is not None and forced.dim() == 4 and forced.shape[-2] > 1:
+            block_forced = forced[..., rows, keys]
         dq_b, dk_b, dv_b = backward_block(q[:, :, rows], k[:, :, keys], v[:, :, keys], saved_of(i), scaling, dy,
-                                          d_density, masks.n_allowed)
+                                          d_density, masks.n_allowed, masks=masks.block(rows, keys) if masks.additive
+                                          is not None else None, forced=block_forced)
         dq[:, :, rows] = dq_b
         dk[:, :, keys] += dk_b
         if dv_b is not None:
@@ -252,27 +280,32 @@ class FusedGatedAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, masks: Masks, scaling: float, gating: Gating, side: dict):
         blocks = masks.row_blocks(BLOCK_ROWS, whole_rows=gating.keep_logits or gating.keep_pattern)
         with torch.autocast(device_type=q.device.type, enabled=False):
-            result = run_blocks(q, k, v, masks, scaling, gating, blocks, keep=True, noise=_full_noise(q, k, gating))
+            result = run_blocks(q, k, v, masks, scaling, gating, blocks, keep=True, compact=True,
+                                noise=_full_noise(q, k, gating))
         side.update(result.side)
         density = (result.density_sum / masks.n_allowed if gating.record
                    else torch.zeros(q.shape[:2], device=q.device))
         names = [sorted(d) for d in result.saved]
         ctx.blocks, ctx.names, ctx.scaling, ctx.record = blocks, names, scaling, gating.record
-        ctx.save_for_backward(q, k, v, masks.n_allowed, *[d[n] for d, ns in zip(result.saved, names) for n in ns])
+        ctx.forced = gating.forced is not None
+        forced = [gating.forced] if gating.forced is not None else []
+        ctx.save_for_backward(q, k, v, masks.additive, masks.allowed, masks.n_allowed, *forced,
+                              *[d[n] for d, ns in zip(result.saved, names) for n in ns])
         ctx.set_materialize_grads(False)
         return result.out, density
 
     @staticmethod
     def backward(ctx, d_out, d_density):
-        q, k, v, n_allowed, *flat = ctx.saved_tensors
+        q, k, v, additive, allowed, n_allowed, *flat = ctx.saved_tensors
+        forced = flat.pop(0) if ctx.forced else None
         saved, i = [], 0
         for ns in ctx.names:
             saved.append(dict(zip(ns, flat[i:i + len(ns)])))
             i += len(ns)
-        masks = Masks(additive=None, allowed=None, n_allowed=n_allowed)
+        masks = Masks(additive=additive, allowed=allowed, n_allowed=n_allowed)
         with torch.autocast(device_type=q.device.type, enabled=False):
             dq, dk, dv = backward_blocks(q, k, v, masks, ctx.scaling, ctx.blocks, saved.__getitem__, d_out,
-                                         d_density if ctx.record else None)
+                                         d_density if ctx.record else None, forced=forced)
         return dq, dk, dv, None, None, None, None
 
 
