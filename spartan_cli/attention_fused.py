@@ -9,9 +9,10 @@ in fewer passes over the (batch, n_heads, q, k) tensors and with less kept for t
 3. Gates as float 0/1: sampled M = 1[g + l > 0] with logistic noise l drawn exactly as the reference
    draws it (same generator, same shape, same ops, so the same bits), deterministic 1[g > 0], or forced.
 4. y = (P * M) v.  When recording, the density term sum sigmoid(g) / allowed pairs and the open counts.
-The backward keeps 4 bytes per (query, key) pair (autograd's composition kept 30-odd, eager attention 4-5):
-sigmoid(g + l), whose sign carries M (sigmoid(z) >= 1/2 exactly when a sampled gate is open), and a
-log-sum-exp per query row; it recomputes g = q k^T * scaling + c, P = exp(g - lse) and sigmoid(g).
+The backward keeps 4 bytes per (query, key) pair of sampled gates and none otherwise (autograd's
+composition kept 30-odd, eager attention 4-5): sigmoid(g + l), whose sign carries M (sigmoid(z) >= 1/2
+exactly when a sampled gate is open); it recomputes g = q k^T * scaling + c, P = softmax(g) and sigmoid(g)
+with the forward's own ops, so bit for bit.
     dA  = dy v^T                       dv = A^T dy                with A = P * M
     ds  = A * dA - P * rowsum(A * dA)                             softmax, through the open gates
         + sigmoid'(g + l) * P * dA                                straight-through sample
@@ -108,7 +109,7 @@ def forward_block(q, k, v, masks: Masks, scaling: float, gating: Gating, rows: s
     """Gated attention of query block ``q`` (batch, n_heads, rows, d_head) fp32 against keys k (batch,
     n_heads, keys, d_head) fp32 and values v (batch, n_heads, keys, d_v); ``masks`` cut to the block.
     ``keep``: keep what the backward needs: P, sigmoid(g) and M or signed sigmoid(g + l), or with ``compact``
-    only the row log-sum-exp of g and the signed sigmoid(g + l) (the backward recomputes g from q and k).
+    only the signed sigmoid(g + l) of sampled gates (the backward recomputes the rest from q and k).
     ``noise``: the block's U(0, 1) draws, else drawn here."""
     s = torch.matmul(q, k.transpose(-1, -2))  # q.k, (batch, n_heads, rows, keys) fp32
     g = torch.add(masks.additive, s, alpha=scaling, out=s)  # g = s + b; ~finfo.min where a query may not read
@@ -138,8 +139,6 @@ def forward_block(q, k, v, masks: Masks, scaling: float, gating: Gating, rows: s
         block.open_pairs = opened.sum(dim=(-1, -2)).to(torch.int64)  # exact: a block has < 2^24 pairs per head
         if keep and not compact:
             block.saved["sg"] = sg
-    if keep and compact:
-        block.saved["lse"] = torch.logsumexp(g, dim=-1, keepdim=True)  # (batch, n_heads, rows, 1): P = exp(g - lse)
     a = p * m if keep and not compact else p.mul_(m)  # A = P * M
     block.out = torch.matmul(a.to(v.dtype), v)  # (batch, n_heads, rows, d_v)
     if keep:
@@ -153,10 +152,10 @@ def forward_block(q, k, v, masks: Masks, scaling: float, gating: Gating, rows: s
 
 
 def _recompute(q, k, saved: dict, masks: Masks, scaling: float, forced) -> dict:
-    """A compact block's P (from g and the row log-sum-exp), M and sigmoid(g), from q and k again."""
+    """A compact block's P, M and sigmoid(g), computed again from q and k."""
     s = torch.matmul(q, k.transpose(-1, -2))  # (batch, n_heads, rows, keys)
     g = torch.add(masks.additive, s, alpha=scaling, out=s)  # the forward's g, bit for bit
-    out = {"p": torch.sub(g, saved["lse"]).exp_(), "sg": torch.sigmoid(g)}
+    out = {"p": torch.softmax(g, dim=-1), "sg": torch.sigmoid(g)}  # the forward's P, bit for bit
     if "sz" in saved:
         out["sz"] = saved["sz"]
     elif forced is not None:
@@ -170,9 +169,9 @@ def backward_block(q, k, v, saved: dict, scaling: float, dy, d_density, n_allowe
                    forced=None):
     """Gradients of one query block: returns (dq (batch, n_heads, rows, d_head) fp32, dk, dv) where dk, dv
     are this block's contributions over every key (dv None when ``dy`` is None). ``dy``: (batch, n_heads,
-    rows, d_v) or None; ``d_density``: (batch, n_heads) or None. A compact ``saved`` (row log-sum-exp) is
-    expanded first, which needs the block's ``masks`` and ``forced`` gates."""
-    if "lse" in saved:
+    rows, d_v) or None; ``d_density``: (batch, n_heads) or None. A compact ``saved`` (no P) is expanded
+    first, which needs the block's ``masks`` and ``forced`` gates."""
+    if "p" not in saved:
         saved = _recompute(q, k, saved, masks, scaling, forced)
     p = saved["p"]
     ds, dv = None, None
