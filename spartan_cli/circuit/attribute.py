@@ -158,7 +158,7 @@ def _straight_through_term(module, q, k, v, mask, scaling) -> torch.Tensor | Non
 
 # what the backward passes through deterministic gates: name -> per-layer output term (None: nothing added)
 GATE_GRADIENTS: dict[str, Callable | None] = {"hard": None, "straight-through": _straight_through_term}
-DEFAULT_GATE_GRADIENT = "hard"
+DEFAULT_GATE_GRADIENT = "straight-through"  # measured on the addition checkpoint: CHANGELOG, Decisions
 
 
 def _gradient_scores(model, batches, *, metric, graph, ig_steps, max_delta_mb, on_step, method,

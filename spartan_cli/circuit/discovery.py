@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 METHOD_NAMES = {"eap": "eap", "eap-ig": "eap-ig-inputs", "exact": "exact"}
 LEVELS = ("component", "token")  # graph granularity: find_circuit (below) or token_discovery.find_token_circuit
 GATES_NOTE = ("deterministic gates 1[g > 0] in attribution and patching; gates are recomputed from the patched "
-              "q/k in every patched run; EAP gradients do not cross the gate threshold")
+              "q/k in every patched run; EAP gradients pass the gates as gate_gradient says (hard: zero; "
+              "straight-through: sigmoid'(g))")
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ class CircuitConfig:
     device: str = "auto"
     trust_remote_code: bool = False
     level: str = "component"  # component (component graph, §3) | token (nodes at positions, §5; fixed-layout tasks)
-    gate_gradient: str = "hard"  # gated models, eap/eap-ig: backward through the gates (attribute.GATE_GRADIENTS)
+    gate_gradient: str = "straight-through"  # gated models, eap/eap-ig: backward through the gates (GATE_GRADIENTS)
 
     def __post_init__(self):
         from spartan_cli.circuit.attribute import GATE_GRADIENTS, METHODS

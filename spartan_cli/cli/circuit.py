@@ -22,9 +22,10 @@ GATE_GRADIENT_CHOICES = ("hard", "straight-through")  # attribute.GATE_GRADIENTS
               help="Edge attribution: EAP (one backward), EAP-IG on the inputs, or exact (one patched run per "
               "edge: small models only; sees gate switching that gradients miss).")
 @click.option("--ig-steps", type=click.IntRange(min=1), default=5, show_default=True, help="EAP-IG integration steps.")
-@click.option("--gate-gradient", type=click.Choice(GATE_GRADIENT_CHOICES), default="hard", show_default=True,
-              help="Gated models, eap/eap-ig: backward through the deterministic gates: hard (zero, the exact "
-              "derivative) or straight-through (sigmoid'(g), as training; the forward is unchanged).")
+@click.option("--gate-gradient", type=click.Choice(GATE_GRADIENT_CHOICES), default="straight-through",
+              show_default=True, help="Gated models, eap/eap-ig: backward through the deterministic gates: "
+              "straight-through (sigmoid'(g), as training; finds smaller faithful circuits) or hard (zero, the "
+              "exact derivative); the forward is unchanged.")
 @click.option("--n-examples", type=click.IntRange(min=1), default=None, help="Clean/corrupted pairs [the task's default].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Pairs per forward.")
 @click.option("--selection", type=click.Choice(SELECTION_CHOICES), default="greedy", show_default=True,
