@@ -90,7 +90,7 @@ class ChunkedGatedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out, d_density):
         q, k, v, additive, allowed, n_allowed = ctx.saved_tensors
-        masks = Masks(additive=additive, allowed=allowed, n_allowed=n_allowed)
+        masks = Masks(additive=additive, allowed=allowed, n_allowed=n_allowed, bias=ctx.gating.bias)
         gating = ctx.gating
         d_density = d_density if gating.record else None
 

@@ -2,16 +2,16 @@
 
 Same maths as the autograd composition in ``attention.reference_attention`` (METHOD.md, "Gated attention"),
 in fewer passes over the (batch, n_heads, q, k) tensors and with less kept for the backward:
-1. g = q k^T * scaling + c in one pass (fp32), with c = b where a query may read a key and finfo.min where
-   not: no boolean tensor the size of g is ever built (boolean ops are slow on CPUs) and every gate of a
-   pair the query may not read is shut by its own logit (g ~ finfo.min).
-2. P = softmax(g), which is softmax(s) (softmax ignores a constant shift; equal up to float rounding).
+1. s = q k^T * scaling + c in one pass (fp32), with c = 0 where a query may read a key and finfo.min where
+   not: no boolean tensor the size of s is ever built (boolean ops are slow on CPUs), and every gate of a
+   pair the query may not read is shut by its own logit g = s + b ~ finfo.min.
+2. P = softmax(s). g = s + b is formed separately: folding a large b into the softmax's input would round s.
 3. Gates as float 0/1: sampled M = 1[g + l > 0] with logistic noise l drawn exactly as the reference
    draws it (same generator, same shape, same ops, so the same bits), deterministic 1[g > 0], or forced.
 4. y = (P * M) v.  When recording, the density term sum sigmoid(g) / allowed pairs and the open counts.
 The backward keeps 4 bytes per (query, key) pair of sampled gates and none otherwise (autograd's
 composition kept 30-odd, eager attention 4-5): sigmoid(g + l), whose sign carries M (sigmoid(z) >= 1/2
-exactly when a sampled gate is open); it recomputes g = q k^T * scaling + c, P = softmax(g) and sigmoid(g)
+exactly when a sampled gate is open); it recomputes s = q k^T * scaling + c, P = softmax(s) and sigmoid(s + b)
 with the forward's own ops, so bit for bit.
     dA  = dy v^T                       dv = A^T dy                with A = P * M
     ds  = A * dA - P * rowsum(A * dA)                             softmax, through the open gates
@@ -51,19 +51,20 @@ class Gating:
 class Masks:
     """The keys each query may read, in the two forms the paths use."""
 
-    additive: torch.Tensor  # (batch|1, 1, q, k) fp32: the gate bias b where allowed, finfo.min where not
+    additive: torch.Tensor  # (batch|1, 1, q, k) fp32: 0 where allowed, finfo.min where not
     allowed: torch.Tensor  # (batch|1, 1, q, k) bool
     n_allowed: torch.Tensor  # (batch|1, 1) fp32 allowed pairs per sequence, at least 1
+    bias: float = 0.0  # the gate bias b: g = s + b is formed apart from the softmax's s (no rounding of s by b)
 
     @classmethod
     def from_allowed(cls, allowed: torch.Tensor, bias: float) -> "Masks":
-        additive = torch.full(allowed.shape, float(bias), dtype=torch.float32, device=allowed.device)
+        additive = torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device)
         additive.masked_fill_(~allowed, torch.finfo(torch.float32).min)
         n = allowed.sum(dim=(-1, -2)).clamp_min(1).to(torch.float32)
-        return cls(additive=additive, allowed=allowed, n_allowed=n)
+        return cls(additive=additive, allowed=allowed, n_allowed=n, bias=float(bias))
 
     def block(self, rows: slice, keys: slice) -> "Masks":
-        return Masks(self.additive[..., rows, keys], self.allowed[..., rows, keys], self.n_allowed)
+        return Masks(self.additive[..., rows, keys], self.allowed[..., rows, keys], self.n_allowed, self.bias)
 
     def key_ends(self) -> list[int]:
         """Per query row, 1 + the last key any sequence lets it read (0 for a row that reads nothing)."""
@@ -112,8 +113,11 @@ def forward_block(q, k, v, masks: Masks, scaling: float, gating: Gating, rows: s
     only the signed sigmoid(g + l) of sampled gates (the backward recomputes the rest from q and k).
     ``noise``: the block's U(0, 1) draws, else drawn here."""
     s = torch.matmul(q, k.transpose(-1, -2))  # q.k, (batch, n_heads, rows, keys) fp32
-    g = torch.add(masks.additive, s, alpha=scaling, out=s)  # g = s + b; ~finfo.min where a query may not read
-    p = torch.softmax(g, dim=-1)  # P = softmax(s): the shift b cancels, (batch, n_heads, rows, keys)
+    s = torch.add(masks.additive, s, alpha=scaling, out=s)  # s = q.k * scaling; ~finfo.min where a query may not read
+    p = torch.softmax(s, dim=-1)  # P = softmax(s), (batch, n_heads, rows, keys)
+    # g = s + b, formed apart from s: adding a large b to s before the softmax would round s away
+    need_g = gating.keep_logits or gating.record or gating.forced is None
+    g = torch.add(s, masks.bias) if need_g else None  # (batch, n_heads, rows, keys)
     block = Block(out=None)
     if gating.keep_logits:
         block.gate_logits = g.masked_fill(~masks.allowed, float("-inf"))
@@ -124,7 +128,7 @@ def forward_block(q, k, v, masks: Masks, scaling: float, gating: Gating, rows: s
         m = (gating.forced * masks.allowed).to(torch.float32).expand_as(p)
     elif gating.sample:
         if noise is None:
-            noise = draw_noise(g.shape, generator=gating.generator, device=g.device, rows=rows, keys=keys)
+            noise = draw_noise(s.shape, generator=gating.generator, device=s.device, rows=rows, keys=keys)
         u = noise.clamp(NOISE_EPS, 1.0 - NOISE_EPS)
         z = torch.log(u)
         z.sub_(u.neg_().log1p_()).add_(g)  # z = g + l, l = log u - log(1 - u): the reference's ops and bits
@@ -154,8 +158,9 @@ def forward_block(q, k, v, masks: Masks, scaling: float, gating: Gating, rows: s
 def _recompute(q, k, saved: dict, masks: Masks, scaling: float, forced) -> dict:
     """A compact block's P, M and sigmoid(g), computed again from q and k."""
     s = torch.matmul(q, k.transpose(-1, -2))  # (batch, n_heads, rows, keys)
-    g = torch.add(masks.additive, s, alpha=scaling, out=s)  # the forward's g, bit for bit
-    out = {"p": torch.softmax(g, dim=-1), "sg": torch.sigmoid(g)}  # the forward's P, bit for bit
+    s = torch.add(masks.additive, s, alpha=scaling, out=s)  # the forward's s, bit for bit
+    g = torch.add(s, masks.bias)  # the forward's g
+    out = {"p": torch.softmax(s, dim=-1), "sg": torch.sigmoid(g)}  # the forward's P and sigmoid(g), bit for bit
     if "sz" in saved:
         out["sz"] = saved["sz"]
     elif forced is not None:
@@ -285,7 +290,7 @@ class FusedGatedAttention(torch.autograd.Function):
         density = (result.density_sum / masks.n_allowed if gating.record
                    else torch.zeros(q.shape[:2], device=q.device))
         names = [sorted(d) for d in result.saved]
-        ctx.blocks, ctx.names, ctx.scaling, ctx.record = blocks, names, scaling, gating.record
+        ctx.blocks, ctx.names, ctx.scaling, ctx.record, ctx.bias = blocks, names, scaling, gating.record, masks.bias
         ctx.forced = gating.forced is not None
         forced = [gating.forced] if gating.forced is not None else []
         ctx.save_for_backward(q, k, v, masks.additive, masks.allowed, masks.n_allowed, *forced,
@@ -301,7 +306,7 @@ class FusedGatedAttention(torch.autograd.Function):
         for ns in ctx.names:
             saved.append(dict(zip(ns, flat[i:i + len(ns)])))
             i += len(ns)
-        masks = Masks(additive=additive, allowed=allowed, n_allowed=n_allowed)
+        masks = Masks(additive=additive, allowed=allowed, n_allowed=n_allowed, bias=ctx.bias)
         with torch.autocast(device_type=q.device.type, enabled=False):
             dq, dk, dv = backward_blocks(q, k, v, masks, ctx.scaling, ctx.blocks, saved.__getitem__, d_out,
                                          d_density if ctx.record else None, forced=forced)
