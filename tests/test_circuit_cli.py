@@ -24,15 +24,7 @@ N = 24  # addition pairs per run: enough for a stable curve, fast on one thread
 FAST = ["--n-examples", str(N), "--batch-size", "12", "--method", "eap", "-q"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models on shared cores: thread hand-offs cost more than the maths. Restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 def gated_addition(out, *, bias: float):

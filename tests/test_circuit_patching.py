@@ -17,16 +17,7 @@ from tests.micro import BUILDERS, VOCAB
 ARCHS = sorted(BUILDERS)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Micro models are too small to split across threads: on shared cores the thread hand-offs cost
-    10x the maths. Restored after each test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 def logit_difference(logits, batch):

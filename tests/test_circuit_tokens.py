@@ -25,14 +25,7 @@ from tests.micro import BUILDERS, VOCAB
 ARCHS = sorted(BUILDERS)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 def logit_difference(logits, batch):

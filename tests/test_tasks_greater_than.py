@@ -10,14 +10,7 @@ from spartan_cli.tasks import encode, final_logits, get_task, single_token
 from spartan_cli.tasks.greater_than import TEMPLATE
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 @pytest.fixture(scope="module")
