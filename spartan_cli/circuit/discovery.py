@@ -33,7 +33,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-from spartan_cli.circuit.faithfulness import Curve, CurvePoint
+from spartan_cli.circuit.faithfulness import Curve, CurvePoint, SweepChoice
 from spartan_cli.circuit.graph import Graph
 from spartan_cli.errors import ConfigError
 
@@ -140,7 +140,7 @@ class AttentionEdges:
 
 
 @dataclass(frozen=True)
-class CircuitResult:
+class CircuitResult(SweepChoice):
     """The circuit of one model: scores, the curve, the chosen circuit and what it took."""
 
     name: str  # the model as the user gave it
@@ -153,26 +153,6 @@ class CircuitResult:
     attention: AttentionEdges | None
     timing: dict[str, float]  # seconds: attribution, sweep, refine, total, and one clean forward
     n_examples: int
-
-    @property
-    def point(self) -> CurvePoint | None:
-        """The smallest circuit whose running-max F reaches ``level``; None if none does."""
-        return self.refined.point_for(self.level)
-
-    @property
-    def best(self) -> CurvePoint:
-        """The highest F of the sweep (fewest edges among ties)."""
-        ok = [p for p in self.refined.points if not math.isnan(p.faithfulness)]
-        return max(ok, key=lambda p: (p.faithfulness, -p.edges)) if ok else self.refined.points[-1]
-
-    @property
-    def reached(self) -> bool:
-        return self.point is not None
-
-    @property
-    def chosen(self) -> CurvePoint:
-        """The point whose circuit ``graph`` holds: ``point``, else ``best``."""
-        return self.point or self.best
 
     def summary(self) -> dict:
         """Everything but the per-edge scores (what report.json and ``--json`` carry)."""

@@ -219,6 +219,34 @@ class Curve:
                    data["baselines"]["corrupted"], data["total_edges"], data["selection"])
 
 
+class SweepChoice:
+    """What a circuit search reads off its refined curve; mixed into the component and token results,
+    which carry ``refined`` (a Curve) and ``level`` (the faithfulness asked for)."""
+
+    refined: Curve
+    level: float
+
+    @property
+    def point(self) -> CurvePoint | None:
+        """The smallest circuit whose running-max F reaches ``level``; None if none does."""
+        return self.refined.point_for(self.level)
+
+    @property
+    def best(self) -> CurvePoint:
+        """The highest F of the sweep (fewest edges among ties)."""
+        ok = [p for p in self.refined.points if not math.isnan(p.faithfulness)]
+        return max(ok, key=lambda p: (p.faithfulness, -p.edges)) if ok else self.refined.points[-1]
+
+    @property
+    def reached(self) -> bool:
+        return self.point is not None
+
+    @property
+    def chosen(self) -> CurvePoint:
+        """The point whose circuit the result's graph holds: ``point``, else ``best``."""
+        return self.point or self.best
+
+
 def log_grid(total: int) -> list[int]:
     """Requested sizes 1-9, 10-90, 100-900, ... below ``total``, then ``total`` (auto-circuit's grid);
     every size when there are fewer than 200 edges."""

@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
-from spartan_cli.circuit.faithfulness import Curve, CurvePoint
+from spartan_cli.circuit.faithfulness import Curve, CurvePoint, SweepChoice
 from spartan_cli.circuit.tokens import TokenGraph
 from spartan_cli.errors import ConfigError, TaskError
 
@@ -33,7 +33,7 @@ TOKEN_NOTE = ("token level: nodes (component, position); residual edges at one p
 
 
 @dataclass(frozen=True)
-class TokenCircuitResult:
+class TokenCircuitResult(SweepChoice):
     """The token-level circuit of one model (the same reading interface as discovery.CircuitResult)."""
 
     name: str
@@ -46,23 +46,6 @@ class TokenCircuitResult:
     n_examples: int
 
     kind = "token"  # export.write_all and read_circuit dispatch on it
-
-    @property
-    def point(self) -> CurvePoint | None:
-        return self.refined.point_for(self.level)
-
-    @property
-    def best(self) -> CurvePoint:
-        ok = [p for p in self.refined.points if not math.isnan(p.faithfulness)]
-        return max(ok, key=lambda p: (p.faithfulness, -p.edges)) if ok else self.refined.points[-1]
-
-    @property
-    def reached(self) -> bool:
-        return self.point is not None
-
-    @property
-    def chosen(self) -> CurvePoint:
-        return self.point or self.best
 
     def anatomy(self, *, top: int = 20) -> dict:
         """The circuit read off: counts, its component summary, top attention edges, paths per metric position."""
