@@ -31,19 +31,11 @@ from spartan_cli.cli.main import main
 from spartan_cli.config import GateConfig
 from spartan_cli.errors import CheckpointError
 from tests.micro import BUILDERS
+from tests.test_cli_sparsify import run_cli
 
 STEPS = 6
 ARGS = ["--seq-len", "16", "--batch-size", "4", "--heldout-blocks", "4", "--eval-every", "0", "--log-every", "1",
         "--lr", "1e-3", "--geco-warmup", "0", "--quiet", "--json"]
-
-
-def run_cli(args, capsys):
-    """Run the CLI in-process -> (exit code, stdout, stderr)."""
-    with pytest.raises(SystemExit) as exc:
-        main(list(args))
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return exc.value.code or 0, out.out, out.err
 
 
 def one_line_error(code, stderr, *, exit_code=1) -> str:

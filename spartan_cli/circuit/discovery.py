@@ -350,18 +350,32 @@ def attention_edges(model, batches, circuit: Graph) -> AttentionEdges:
     return AttentionEdges(circuit=circ / rows, all_heads=every / rows, causal=causal / rows)
 
 
+def clean_forward_s(model, batch) -> float:
+    """Seconds of one plain clean forward of ``batch`` (no grad, eval mode): the unit attribution costs are read in."""
+    import time
+
+    import torch
+
+    from spartan_cli.scopes import evaluating
+
+    device = next(model.parameters()).device
+    with torch.no_grad(), evaluating(model):
+        t = time.perf_counter()
+        model(input_ids=batch.clean.to(device),
+              attention_mask=None if batch.attention_mask is None else batch.attention_mask.to(device))
+        return time.perf_counter() - t
+
+
 def find_circuit(model, tokenizer, cfg: CircuitConfig, *, task=None, name: str | None = None,
                  on_progress: Callable | None = None) -> CircuitResult:
     """Steps 1-6 of the module docstring for one model -> CircuitResult.
 
     ``task``: a Task (default: ``get_task(cfg.task)``). ``on_progress`` takes evaluate.Progress records."""
-    import torch
-
     from spartan_cli.circuit.attribute import attribute
     from spartan_cli.circuit.faithfulness import log_grid, sweep
     from spartan_cli.circuit.select import select
     from spartan_cli.evaluate import Progress, is_gated
-    from spartan_cli.scopes import deterministic_gates, evaluating
+    from spartan_cli.scopes import deterministic_gates
     from spartan_cli.tasks import get_task
 
     if task is None:
@@ -386,13 +400,7 @@ def find_circuit(model, tokenizer, cfg: CircuitConfig, *, task=None, name: str |
             "gate_gradient": cfg.gate_gradient if gated and cfg.attribution != "exact" else None}
     graph = Graph.from_model(model, meta=meta)
     timing: dict[str, float] = {}
-    device = next(model.parameters()).device
-    with torch.no_grad(), evaluating(model):  # reference: one plain clean forward of the first batch
-        b = batches[0]
-        t = time.perf_counter()
-        model(input_ids=b.clean.to(device),
-              attention_mask=None if b.attention_mask is None else b.attention_mask.to(device))
-        timing["clean_forward_s"] = time.perf_counter() - t
+    timing["clean_forward_s"] = clean_forward_s(model, batches[0])
 
     n_batches = len(batches)
     with deterministic_gates(model) if gated else nullcontext():

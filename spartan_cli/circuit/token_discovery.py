@@ -160,15 +160,13 @@ def find_token_circuit(model, tokenizer, cfg, *, task, name: str | None = None,
     """Steps 1-4 of the module docstring for one model."""
     from contextlib import nullcontext
 
-    import torch
-
-    from spartan_cli.circuit.discovery import batches_of, refine_sizes
+    from spartan_cli.circuit.discovery import batches_of, clean_forward_s, refine_sizes
     from spartan_cli.circuit.faithfulness import log_grid
     from spartan_cli.circuit.graph import Graph
     from spartan_cli.circuit.token_patching import attribute_tokens, sweep_tokens
     from spartan_cli.circuit.tokens import select_tokens, selection_order
     from spartan_cli.evaluate import Progress, is_gated
-    from spartan_cli.scopes import deterministic_gates, evaluating
+    from spartan_cli.scopes import deterministic_gates
 
     if cfg.attribution not in ("eap", "eap-ig-inputs"):
         raise ConfigError(f"method {cfg.method!r} is not available at token level; use eap or eap-ig")
@@ -183,13 +181,7 @@ def find_token_circuit(model, tokenizer, cfg, *, task, name: str | None = None,
             "selection": cfg.selection, "corruption": task.describe().get("corruption"),
             "bos": task.describe().get("bos")}
     timing: dict[str, float] = {}
-    device = next(model.parameters()).device
-    with torch.no_grad(), evaluating(model):
-        b = batches[0]
-        t = time.perf_counter()
-        model(input_ids=b.clean.to(device),
-              attention_mask=None if b.attention_mask is None else b.attention_mask.to(device))
-        timing["clean_forward_s"] = time.perf_counter() - t
+    timing["clean_forward_s"] = clean_forward_s(model, batches[0])
     n_batches = len(batches)
     with deterministic_gates(model) if gated else nullcontext():
         t = time.perf_counter()
