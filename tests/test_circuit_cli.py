@@ -17,6 +17,7 @@ from spartan_cli.circuit.export import dot_text, graphml_text, read_circuit
 from spartan_cli.cli.main import main
 from spartan_cli.config import GateConfig
 from spartan_cli.errors import ConfigError
+from spartan_cli.scopes import deterministic_gates
 from spartan_cli.tasks import Task, get_task
 from tests.micro import BUILDERS, VOCAB
 
@@ -83,6 +84,34 @@ def test_report_matches_a_fresh_evaluation_of_the_written_circuit(sparse_ckpt, t
     assert s["timing"]["attribution_s"] > 0 and len(s["top_heads"]) == 10
 
 
+def test_minimize_leaves_a_circuit_no_single_edge_can_leave(sparse_ckpt, tmp_path, capsys):
+    """--minimize: the written circuit, patched again from scratch, still reaches the level, is no larger
+    than the sweep's, and dropping any one of its edges (then pruning) falls below the level."""
+    from spartan_cli.circuit.select import prune
+
+    out = tmp_path / "out"
+    report = run_json(["circuit", str(sparse_ckpt), "--out", str(out), "--minimize"] + FAST, capsys)
+    s = report["model"]
+    assert s["reached"] and s["minimized"] and s["timing"]["minimize_s"] > 0
+    assert s["edges_needed"] == s["circuit"]["edges"] <= s["sweep_circuit"]["edges"]
+    result = read_circuit(out / "circuit.json")
+    assert result.minimized is not None and result.needed.edges == s["edges_needed"] == result.graph.n_edges
+    model, tok = checkpoint.load(sparse_ckpt)
+    task = get_task("addition")
+    batch = task.contrast(tok, n=N, seed=0)
+    graph = result.graph
+    without_one = []
+    for f, b in torch.nonzero(graph.in_graph).tolist():
+        trial = graph.in_graph.clone()
+        trial[f, b] = False
+        without_one.append(prune(graph, trial))
+    with deterministic_gates(model):
+        again = evaluate(model, [batch], metric=task.metric, circuits=[graph.in_graph] + without_one, graph=graph)
+    f_all = [again.faithfulness(m) for m in again.metrics]
+    assert f_all[0] == pytest.approx(s["circuit"]["faithfulness"], abs=1e-4) and f_all[0] >= 0.9
+    assert max(f_all[1:]) < 0.9
+
+
 def test_gates_forced_open_give_the_base_models_circuit(tmp_path, capsys):
     """Gates that are always open compute dense attention: scores, curve and edges needed equal the base's."""
     ckpt = gated_addition(tmp_path / "open", bias=1e4)
@@ -112,7 +141,7 @@ def test_files_round_trip_and_the_circuit_is_a_pruned_dag(sparse_ckpt, tmp_path,
     assert json.loads((out / "report.json").read_text())["comparison"] is not None
     data = json.loads((out / "circuit.json").read_text())
     assert {"schema_version", "cfg", "nodes", "edges", "curve", "baselines", "summary"} <= set(data)
-    assert data["cfg"]["task"] == "addition" and data["cfg"]["method"] == "eap" and data["cfg"]["gated"]
+    assert data["cfg"]["task"] == "addition:b_units" and data["cfg"]["method"] == "eap" and data["cfg"]["gated"]
     assert "input->a0.h1<q>" in data["edges"] and "m3->logits" in data["edges"]
     result = read_circuit(out / "circuit.json")
     graph = result.graph

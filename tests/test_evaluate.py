@@ -142,6 +142,8 @@ def test_registry_names_and_arguments():
     assert sorted(TASKS) == ["addition", "custom", "greater-than", "ioi"]
     assert get_task("addition") is TASKS["addition"]
     with pytest.raises(TaskError, match="takes no argument"):
+        get_task("greater-than:file.jsonl")
+    with pytest.raises(TaskError, match="addition corruption 'file.jsonl' is unknown"):
         get_task("addition:file.jsonl")
     with pytest.raises(TaskError, match="choose one of addition"):
         get_task("ioi-typo")

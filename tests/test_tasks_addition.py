@@ -1,10 +1,11 @@
-"""addition: contrast pairs corrupt b's units digit and stop at the first answer digit that differs."""
+"""addition: contrast pairs corrupt operand digits (b's units by default) and stop at the first answer digit that differs."""
 
 import pytest
 import torch
 
 from spartan_cli.builtin import addition
 from spartan_cli.errors import TaskError
+from spartan_cli.tasks import addition as addition_task
 from spartan_cli.tasks import final_logits, get_task
 
 
@@ -34,6 +35,27 @@ def test_pairs_differ_in_b_units_and_read_the_first_differing_digit(tok):
         assert batch.answers[i].tolist() == [full[n], twin[n]] and full[n] != twin[n]
     again = get_task("addition").contrast(tok, n=500)
     assert torch.equal(again.clean, batch.clean) and torch.equal(again.answers, batch.answers)
+
+
+@pytest.mark.parametrize("corruption", ["a_tens", "units", "tens", "operands"])
+def test_other_corruptions_replace_their_digits_and_change_the_sum(tok, corruption):
+    task = get_task(f"addition:{corruption}")
+    assert task.spec == f"addition:{corruption}" and task.describe()["corruption"] == corruption
+    replaced = {addition_task.DIGITS[d] for d in addition_task.CORRUPTIONS[corruption][0]}
+    batch = task.contrast(tok, n=300, seed=1)
+    lengths = batch.attention_mask.sum(1)
+    for i in range(300):
+        n = int(lengths[i])
+        clean, corrupted = batch.clean[i, :n].tolist(), batch.corrupted[i, :n].tolist()
+        assert {p for p in range(n) if clean[p] != corrupted[p]} == replaced  # each replaced digit differs
+        a, b = clean[0] * 10 + clean[1], clean[3] * 10 + clean[4]
+        a2, b2 = corrupted[0] * 10 + corrupted[1], corrupted[3] * 10 + corrupted[4]
+        assert a + b != a2 + b2
+        full, twin = addition.encode([(a, b)])[0].tolist(), addition.encode([(a2, b2)])[0].tolist()
+        assert full[addition.ANSWER_START:n] == twin[addition.ANSWER_START:n] and full[n] != twin[n]
+        assert batch.answers[i].tolist() == [full[n], twin[n]]
+    with pytest.raises(TaskError, match="addition corruption 'hundreds' is unknown; choose one of a_tens"):
+        get_task("addition:hundreds")
 
 
 def test_metric_is_the_logit_difference(tok):

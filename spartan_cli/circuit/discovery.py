@@ -14,7 +14,10 @@
    ``refine_points`` evenly spaced sizes between them, ``refine_rounds`` times, so the edges needed are
    exact (or within a few percent on large graphs) instead of the grid's next decade. Not interpolated.
 5. The circuit is the selection at the smallest size whose running-max F reaches the level, or, if none
-   does, at the size with the best F. Heads are ranked by summed |score| of the edges into and out of them.
+   does, at the size with the best F. With ``minimize`` a circuit that reaches the level is then cut by
+   backward elimination (``faithfulness.eliminate``: no single edge can leave it and keep F >= the level),
+   and its edges are the ones reported as needed. Heads are ranked by summed |score| of the edges into and
+   out of them.
 6. Attention edges: on the clean prompts, the (query, key) pairs each circuit head can read: every causal
    pair in a dense model, the open gates in a gated one (token-level size of the circuit's attention).
 With ``level="token"`` steps 2-6 are token_discovery's: the graph's nodes are components at positions and
@@ -70,6 +73,7 @@ class CircuitConfig:
     trust_remote_code: bool = False
     level: str = "component"  # component (component graph, §3) | token (nodes at positions, §5; fixed-layout tasks)
     gate_gradient: str = "straight-through"  # gated models, eap/eap-ig: backward through the gates (GATE_GRADIENTS)
+    minimize: bool = False  # backward elimination of the circuit that reaches the level (faithfulness.eliminate)
 
     def __post_init__(self):
         from spartan_cli.circuit.attribute import GATE_GRADIENTS, METHODS
@@ -151,12 +155,13 @@ class CircuitResult(SweepChoice):
     level: float  # the faithfulness asked for
     top_heads: tuple[NodeScore, ...]
     attention: AttentionEdges | None
-    timing: dict[str, float]  # seconds: attribution, sweep, refine, total, and one clean forward
+    timing: dict[str, float]  # seconds: attribution, sweep, refine, (minimize,) total, and one clean forward
     n_examples: int
+    minimized: CurvePoint | None = None  # the minimized circuit (``graph.in_graph``), or None
 
     def summary(self) -> dict:
         """Everything but the per-edge scores (what report.json and ``--json`` carry)."""
-        point, best = self.point, self.best
+        point, best = self.needed, self.best
         return {
             "name": self.name, "gated": self.gated, "gates": GATES_NOTE if self.gated else None,
             "method": self.graph.meta.get("method"), "ig_steps": self.graph.meta.get("ig_steps"),
@@ -165,7 +170,7 @@ class CircuitResult(SweepChoice):
             "edges_needed": None if point is None else point.edges,
             "nodes_needed": None if point is None else point.nodes,
             "faithfulness_at": None if point is None else point.faithfulness,
-            "circuit": _point(self.chosen), "best": _point(best),
+            "circuit": _point(self.minimized or self.chosen), "best": _point(best), **minimized_summary(self),
             "total_edges": self.curve.total_edges, "total_nodes": len(self.graph.source_names) + 1,
             "baselines": {"clean": self.curve.clean, "corrupted": self.curve.corrupted},
             "cpr": self.curve.cpr(), "cmd": self.curve.cmd(), "cpr_log": self.curve.cpr(log_x=True),
@@ -196,12 +201,27 @@ class CircuitResult(SweepChoice):
         return cls(name=s["name"], gated=s["gated"], graph=graph, curve=make(grid), refined=make(points),
                    level=s["level"], top_heads=tuple(NodeScore(**h) for h in s["top_heads"]),
                    attention=None if att is None else AttentionEdges(**att), timing=dict(s["timing"]),
-                   n_examples=s["n_examples"])
+                   n_examples=s["n_examples"], minimized=minimized_point(s))
 
 
 def _point(p: CurvePoint) -> dict:
     return {"requested": p.requested, "edges": p.edges, "nodes": p.nodes, "metric": p.metric,
             "faithfulness": p.faithfulness}
+
+
+def minimized_summary(result: SweepChoice) -> dict:
+    """Summary keys of the minimizing step: whether it ran and the sweep's own circuit for the level."""
+    point = result.point
+    return {"minimized": result.minimized is not None,
+            "sweep_circuit": None if point is None else _point(point)}
+
+
+def minimized_point(summary: dict) -> CurvePoint | None:
+    """The minimized circuit's point back from a summary (None when it did not minimize)."""
+    if not summary.get("minimized"):
+        return None
+    c = summary["circuit"]
+    return CurvePoint(c["requested"], c["edges"], c["nodes"], c["metric"], c["faithfulness"])
 
 
 def curve_rows(result: CircuitResult) -> list[dict]:
@@ -249,9 +269,9 @@ class CircuitRun:
 
 
 def _ratio(base: CircuitResult | None, model: CircuitResult, what: str) -> float | None:
-    if base is None or model.point is None or base.point is None:
+    if base is None or model.needed is None or base.needed is None:
         return None
-    top, bottom = getattr(base.point, what), getattr(model.point, what)
+    top, bottom = getattr(base.needed, what), getattr(model.needed, what)
     return top / bottom if bottom else math.inf
 
 
@@ -442,15 +462,28 @@ def find_circuit(model, tokenizer, cfg: CircuitConfig, *, task=None, name: str |
                             curve.corrupted, curve.total_edges, curve.selection)
         timing["refine_s"] = time.perf_counter() - t
 
-    probe = CircuitResult(name, gated, scored, curve, refined, cfg.faithfulness, (), None, timing, len(pairs))
-    circuit = select(scored, probe.chosen.requested, how=cfg.selection)
-    assert circuit.n_edges == probe.chosen.edges, (circuit.n_edges, probe.chosen)
+        probe = CircuitResult(name, gated, scored, curve, refined, cfg.faithfulness, (), None, timing, len(pairs))
+        circuit = select(scored, probe.chosen.requested, how=cfg.selection)
+        assert circuit.n_edges == probe.chosen.edges, (circuit.n_edges, probe.chosen)
+        minimized = None
+        if cfg.minimize and probe.point is not None:
+            from spartan_cli.circuit.faithfulness import eliminate, evaluate
+            from spartan_cli.circuit.select import prune
+
+            t = time.perf_counter()
+            stage = f"minimizing the circuit of {name} ({circuit.n_edges} edges, one evaluation each)"
+            circuit, minimized = eliminate(
+                scored, circuit, probe.point, prune=prune, level=cfg.faithfulness,
+                evaluate_with=lambda circuits: evaluate(model, batches, metric=task.metric, graph=scored,
+                                                        circuits=circuits, max_delta_mb=cfg.max_delta_mb),
+                on_step=lambda done, total: say(Progress(stage, done, total)))
+            timing["minimize_s"] = time.perf_counter() - t
     say(Progress(f"attention edges of {name}", 0, None))
     attention = attention_edges(model, batches, circuit)
     timing["total_s"] = time.perf_counter() - start
     return CircuitResult(name=name, gated=gated, graph=circuit, curve=curve, refined=refined, level=cfg.faithfulness,
                          top_heads=top_heads(circuit, cfg.top_heads), attention=attention, timing=timing,
-                         n_examples=len(pairs))
+                         n_examples=len(pairs), minimized=minimized)
 
 
 def circuit_run(cfg: CircuitConfig, *, on_progress: Callable | None = None) -> CircuitRun:

@@ -12,8 +12,10 @@ and a picture of the circuit. Every file is written to a temp file, then moved i
     edges     {"a0.h1->a2.h3<k>" | "m1->logits" | ...: {score, in_graph}}      every edge; in_graph = circuit
     curve     [{requested, edges, nodes, metric, faithfulness, grid, running_max}]  by requested size
     baselines {clean, corrupted}                                           m(full), m(empty)
-    summary   level, reached, edges_needed, nodes_needed, faithfulness_at, circuit, best, cpr, cmd,
-              top_heads, attention_edges, timing (see discovery.CircuitResult.summary)
+    summary   level, reached, edges_needed, nodes_needed, faithfulness_at, circuit, best, minimized,
+              sweep_circuit, cpr, cmd, top_heads, attention_edges, timing (see discovery.CircuitResult.summary);
+              with ``minimized`` true, ``circuit`` and the edges/nodes needed are the minimized circuit's and
+              ``sweep_circuit`` the sweep's before elimination
 Scores are EAP/EAP-IG estimates of m(edge patched to corrupted) - m(clean), signed (corrupted - clean).
 
 ``circuit.graphml``: the circuit's nodes and edges (networkx ``to_networkx``: one edge per node pair with
@@ -176,7 +178,7 @@ def plot_curves(results, path, *, title: str = "faithfulness against circuit siz
         kind = "sparse" if result.gated else "dense"
         ax.plot([p.edges for p in pts], [p.faithfulness for p in pts], marker=".", color=colour, lw=1.2,
                 label=f"{kind}: {result.name}")
-        point = result.point
+        point = result.needed
         if point is not None:
             ax.plot([point.edges], [point.faithfulness], marker="o", ms=9, mfc="none", color=colour)
             ax.annotate(f"{point.edges} edges", (point.edges, point.faithfulness), textcoords="offset points",

@@ -14,6 +14,12 @@ The corrupted activations of a chunk are computed once and shared by every circu
 Curves (CIRCUITS.md §4): circuits of increasing requested size (greedy or top-n, then pruned); the
 edges needed for a faithfulness level are read off the running maximum of F (curves are not monotone);
 CPR and CMD are trapezoid areas of F and |1 - F| over the requested edge fraction, as in MIB.
+
+Minimizing (``eliminate``): the sweep's circuit is a prefix of one score ranking, so it can hold edges
+that rank high but matter little. Backward elimination, as ACDC prunes, visits the circuit's edges once,
+lowest |score| first, drops each one whose removal (then pruning) keeps F >= the level, and repeats the
+pass until one drops nothing: a circuit from which no single edge can go. One patched evaluation per
+edge per pass (usually two or three passes).
 """
 
 from __future__ import annotations
@@ -221,10 +227,17 @@ class Curve:
 
 class SweepChoice:
     """What a circuit search reads off its refined curve; mixed into the component and token results,
-    which carry ``refined`` (a Curve) and ``level`` (the faithfulness asked for)."""
+    which carry ``refined`` (a Curve), ``level`` (the faithfulness asked for) and ``minimized`` (the
+    minimized circuit's point, or None when the search did not minimize)."""
 
     refined: Curve
     level: float
+    minimized: CurvePoint | None
+
+    @property
+    def needed(self) -> CurvePoint | None:
+        """The circuit reported as needed for ``level``: the minimized one, else the sweep's ``point``."""
+        return self.minimized or self.point
 
     @property
     def point(self) -> CurvePoint | None:
@@ -245,6 +258,44 @@ class SweepChoice:
     def chosen(self) -> CurvePoint:
         """The point whose circuit the result's graph holds: ``point``, else ``best``."""
         return self.point or self.best
+
+
+def eliminate(scored, circuit, point: CurvePoint, *, evaluate_with: Callable[[list], Evaluation],
+              prune: Callable, level: float,
+              on_step: Callable[[int, int], None] | None = None) -> tuple[object, CurvePoint]:
+    """Backward elimination (module docstring) of ``circuit``, the selection at the sweep's ``point``.
+
+    ``scored`` and ``circuit`` are one graph type (a component Graph or a TokenGraph: ``in_graph``,
+    ``scores``, ``with_circuit``, ``n_edges``, ``n_nodes``); ``evaluate_with(circuits)`` evaluates a list of
+    ``in_graph`` tensors (``evaluate`` or ``evaluate_tokens`` bound to the model and batches); ``prune(graph,
+    in_graph)`` is that graph type's pruning. Returns (the minimized circuit, its point: same requested
+    size, its edges, nodes, metric and F; ``point`` itself when no edge could go). ``on_step(done, total)``
+    after each try; ``total`` grows by a pass at a time."""
+    current = circuit.in_graph.bool().clone()
+    magnitude = scored.scores.flatten().abs()
+    kept, done, dropped = None, 0, True
+    while dropped:  # F is not monotone: an edge kept early may go once others have gone
+        dropped = False
+        order = torch.nonzero(current.flatten()).flatten()
+        order = order[torch.argsort(magnitude[order], stable=True)].tolist()  # lowest |score| first
+        total = done + len(order)
+        for i in order:
+            done += 1
+            if current.flatten()[i]:  # still there (an earlier drop may have pruned it)
+                trial = current.clone()
+                trial.view(-1)[i] = False
+                trial = prune(scored, trial)
+                result = evaluate_with([trial])
+                metric = result.metrics[0]
+                f = result.faithfulness(metric)
+                if not math.isnan(f) and f >= level:
+                    current, kept, dropped = trial, (metric, f), True
+            if on_step is not None:
+                on_step(done, total)
+    if kept is None:
+        return circuit, point
+    circuit = scored.with_circuit(current)
+    return circuit, CurvePoint(point.requested, circuit.n_edges, circuit.n_nodes, *kept)
 
 
 def log_grid(total: int) -> list[int]:

@@ -10,7 +10,8 @@
 3. Sweep circuit sizes over the log grid of the token edge count and refine between the sizes that bracket
    ``cfg.faithfulness`` (as the component level does), each circuit selected (greedy from the logits, or
    top-n, then pruned) and evaluated by patching per (edge, position) -> normalized faithfulness.
-4. The circuit is the smallest size whose running-max F reaches the level (else the best F). Reported
+4. The circuit is the smallest size whose running-max F reaches the level (else the best F); with
+   ``minimize``, cut further by backward elimination (``faithfulness.eliminate``) as at component level. Reported
    beside it: its component-level summary (an edge u -> v is in when some (u, t) -> (v, t) is, §5.2), its
    attention edges by |score| with the share of prompts whose gate is open, and, per metric position, the
    heads and attention edges on its paths into those logits.
@@ -44,6 +45,7 @@ class TokenCircuitResult(SweepChoice):
     level: float
     timing: dict
     n_examples: int
+    minimized: CurvePoint | None = None  # the minimized circuit (``graph.in_graph``), or None
 
     kind = "token"  # export.write_all and read_circuit dispatch on it
 
@@ -79,7 +81,9 @@ class TokenCircuitResult(SweepChoice):
         }
 
     def summary(self) -> dict:
-        point, best = self.point, self.best
+        from spartan_cli.circuit.discovery import minimized_summary
+
+        point, best = self.needed, self.best
         return {
             "name": self.name, "gated": self.gated, "level_kind": "token", "note": TOKEN_NOTE,
             "gates": self.graph.meta.get("gate_policy"),
@@ -89,7 +93,7 @@ class TokenCircuitResult(SweepChoice):
             "edges_needed": None if point is None else point.edges,
             "nodes_needed": None if point is None else point.nodes,
             "faithfulness_at": None if point is None else point.faithfulness,
-            "circuit": asdict(self.chosen), "best": asdict(best),
+            "circuit": asdict(self.minimized or self.chosen), "best": asdict(best), **minimized_summary(self),
             "total_edges": self.curve.total_edges,
             "total_nodes": self.graph.n_nodes_total - self.graph.n_pos + len(self.graph.metric_positions),
             "baselines": {"clean": self.curve.clean, "corrupted": self.curve.corrupted},
@@ -107,6 +111,8 @@ class TokenCircuitResult(SweepChoice):
 
     @classmethod
     def from_dict(cls, d: dict) -> TokenCircuitResult:
+        from spartan_cli.circuit.discovery import minimized_point
+
         s = d["summary"]
         graph = TokenGraph.from_dict({"schema_version": d.get("schema_version", 1), "cfg": d["cfg"],
                                       "token_edges": d["token_edges"]})
@@ -116,7 +122,8 @@ class TokenCircuitResult(SweepChoice):
         clean, corrupted = d["baselines"]["clean"], d["baselines"]["corrupted"]
         make = lambda pts: Curve(tuple(pts), clean, corrupted, s["total_edges"], s["selection"])  # noqa: E731
         return cls(name=s["name"], gated=s["gated"], graph=graph, curve=make(grid), refined=make(points),
-                   level=s["level"], timing=dict(s["timing"]), n_examples=s["n_examples"])
+                   level=s["level"], timing=dict(s["timing"]), n_examples=s["n_examples"],
+                   minimized=minimized_point(s))
 
 
 def curve_rows(result) -> list[dict]:
@@ -223,12 +230,26 @@ def find_token_circuit(model, tokenizer, cfg, *, task, name: str | None = None,
             refined = Curve(tuple(sorted(refined.points + extra.points, key=lambda p: p.requested)), curve.clean,
                             curve.corrupted, curve.total_edges, curve.selection)
         timing["refine_s"] = time.perf_counter() - t
-    probe = TokenCircuitResult(name, gated, scored, curve, refined, cfg.faithfulness, timing, len(pairs))
-    circuit = select_tokens(scored, probe.chosen.requested, order=selection_order(scored, cfg.selection))
-    assert circuit.n_edges == probe.chosen.edges, (circuit.n_edges, probe.chosen)
+        probe = TokenCircuitResult(name, gated, scored, curve, refined, cfg.faithfulness, timing, len(pairs))
+        circuit = select_tokens(scored, probe.chosen.requested, order=selection_order(scored, cfg.selection))
+        assert circuit.n_edges == probe.chosen.edges, (circuit.n_edges, probe.chosen)
+        minimized = None
+        if cfg.minimize and probe.point is not None:
+            from spartan_cli.circuit.faithfulness import eliminate
+            from spartan_cli.circuit.token_patching import evaluate_tokens
+            from spartan_cli.circuit.tokens import prune
+
+            t = time.perf_counter()
+            stage = f"minimizing the token circuit of {name} ({circuit.n_edges} edges, one evaluation each)"
+            circuit, minimized = eliminate(
+                scored, circuit, probe.point, prune=prune, level=cfg.faithfulness,
+                evaluate_with=lambda circuits: evaluate_tokens(model, batches, metric=task.metric, graph=scored,
+                                                               circuits=circuits, max_delta_mb=cfg.max_delta_mb),
+                on_step=lambda done, total: say(Progress(stage, done, total)))
+            timing["minimize_s"] = time.perf_counter() - t
     timing["total_s"] = time.perf_counter() - start
     return TokenCircuitResult(name=name, gated=gated, graph=circuit, curve=curve, refined=refined,
-                              level=cfg.faithfulness, timing=timing, n_examples=len(pairs))
+                              level=cfg.faithfulness, timing=timing, n_examples=len(pairs), minimized=minimized)
 
 
 __all__ = ["TOKEN_NOTE", "TokenCircuitResult", "check_layout", "find_token_circuit", "paths_by_position"]

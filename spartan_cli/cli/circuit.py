@@ -35,6 +35,10 @@ GATE_GRADIENT_CHOICES = ("hard", "straight-through")  # attribute.GATE_GRADIENTS
 @click.option("--level", type=click.Choice(LEVEL_CHOICES), default="component", show_default=True,
               help="Graph granularity: components (heads, MLPs), or tokens: nodes at positions, attention edges per "
               "(query, key) pair, only where a gate is open (fixed-layout tasks: addition, greater-than).")
+@click.option("--minimize", is_flag=True,
+              help="Cut the circuit that reaches --faithfulness by backward elimination (as ACDC prunes): drop its "
+              "edges one at a time, lowest |score| first, keeping each drop that leaves F at the level; reports a "
+              "circuit no single edge can leave. One patched evaluation per edge and pass.")
 @click.option("--compare-base", is_flag=True, help="Also find the base model's circuit; one table with both and their ratio.")
 @click.option("--baseline", default=None, help="Base model for --compare-base [the checkpoint's base_model].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Which pairs the task draws.")
@@ -46,8 +50,8 @@ GATE_GRADIENT_CHOICES = ("hard", "straight-through")  # attribute.GATE_GRADIENTS
 @click.option("--device", default="auto", show_default=True, help="auto (cuda if present), cpu, cuda, cuda:N.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow a hub model's own Python code to run.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
-def command(model, task, method, ig_steps, gate_gradient, n_examples, batch_size, selection, faithfulness, level, compare_base,
-            baseline, seed, max_delta_mb, out, as_json, device, trust_remote_code, quiet):
+def command(model, task, method, ig_steps, gate_gradient, n_examples, batch_size, selection, faithfulness, level, minimize,
+            compare_base, baseline, seed, max_delta_mb, out, as_json, device, trust_remote_code, quiet):
     """Find MODEL's circuit for a task: score every edge (input, heads with separate q/k/v inputs, MLPs,
     logits) by EAP/EAP-IG, sweep circuit sizes with edge patching, and report the edges and nodes needed
     to reach --faithfulness, the curve, CPR/CMD and the heads carrying most of the score. A spartan
@@ -66,7 +70,8 @@ def command(model, task, method, ig_steps, gate_gradient, n_examples, batch_size
     cfg = CircuitConfig(model=model, task=task, method=method, ig_steps=ig_steps, gate_gradient=gate_gradient,
                         n_examples=n_examples, batch_size=batch_size, selection=selection, faithfulness=faithfulness,
                         compare_base=compare_base or baseline is not None, baseline=baseline, seed=seed,
-                        max_delta_mb=max_delta_mb, device=device, trust_remote_code=trust_remote_code, level=level)
+                        max_delta_mb=max_delta_mb, device=device, trust_remote_code=trust_remote_code, level=level,
+                        minimize=minimize)
     with StageProgress(quiet=quiet) as progress:
         run = circuit_run(cfg, on_progress=progress)
     report = make_report("circuit", command=command_line(), config=run.config, metrics=run.metrics())
@@ -119,10 +124,12 @@ def _print_tables(run) -> None:
         table.add_row(label, *values, *([] if run.base is None else [ratio or ""]))
 
     summaries = [r.summary() for r in results]
-    row(f"edges for F >= {level:g}", [_needed(s, "edges") for s in summaries],
+    how = " (minimized)" if any(s["minimized"] for s in summaries) else ""
+    row(f"edges for F >= {level:g}{how}", [_needed(s, "edges") for s in summaries],
         _fmt(run.edge_ratio, ".1f") + "x" if run.edge_ratio else "-")
-    row(f"nodes for F >= {level:g}", [_needed(s, "nodes") for s in summaries],
+    row(f"nodes for F >= {level:g}{how}", [_needed(s, "nodes") for s in summaries],
         _fmt(run.node_ratio, ".1f") + "x" if run.node_ratio else "-")
+    _sweep_row(row, summaries, results)
     row("F of that circuit", [_fmt(s["circuit"]["faithfulness"], ".3f") for s in summaries])
     row("best F (edges)", [f"{s['best']['faithfulness']:.3f} ({s['best']['edges']:,})" for s in summaries])
     row(f"clean / corrupt {run.task.get('metric', 'metric')}",
@@ -133,8 +140,7 @@ def _print_tables(run) -> None:
         _ratio_text(att[1].circuit, att[0].circuit) if run.base is not None else None)
     row("attn pairs/prompt, all heads", [_fmt(a and a.all_heads, ",.1f") for a in att],
         _ratio_text(att[1].all_heads, att[0].all_heads) if run.base is not None else None)
-    row("time: attribute + sweep", [f"{s['timing']['attribution_s']:.1f}s + "
-                                       f"{s['timing']['sweep_s'] + s['timing']['refine_s']:.1f}s" for s in summaries])
+    _time_row(row, summaries)
     console = Console()
     console.print(table)
     heads = Table(title="heads by summed |edge score| (* = in the circuit)")
@@ -164,6 +170,24 @@ def _needed(summary: dict, what: str) -> str:
         return f"{summary[f'{what}_needed']:,} / {total:,}"
     best = summary["best"]
     return f"not reached (best F {best['faithfulness']:.3f} at {best[what]:,})"
+
+
+def _sweep_row(row, summaries, results) -> None:
+    """With --minimize: the sweep's circuit for the level, before elimination (edges, F)."""
+    if not any(s["minimized"] for s in summaries):
+        return
+    cells = [f"{c['edges']:,} (F {c['faithfulness']:.3f})" if (c := s["sweep_circuit"]) else "-" for s in summaries]
+    row("  the sweep's circuit (F)", cells)
+
+
+def _time_row(row, summaries) -> None:
+    """Seconds spent attributing, sweeping (+ refining) and, with --minimize, minimizing."""
+    def cell(t):
+        text = f"{t['attribution_s']:.1f}s + {t['sweep_s'] + t['refine_s']:.1f}s"
+        return text + (f" + {t['minimize_s']:.1f}s" if "minimize_s" in t else "")
+
+    minimizing = any("minimize_s" in s["timing"] for s in summaries)
+    row("time: attribute + sweep" + (" + minimize" if minimizing else ""), [cell(s["timing"]) for s in summaries])
 
 
 def _ratio_text(top, bottom) -> str:
@@ -196,12 +220,14 @@ def _print_token_tables(run) -> None:
         ratio = [] if run.base is None else [_ratio_text(top, bottom) if top is not None else ""]
         table.add_row(label, *values, *ratio)
 
-    base_point = run.base.point if run.base is not None else None
-    model_point = run.model.point
-    row(f"token edges for F >= {level:g}", [_needed(s, "edges") for s in summaries],
+    base_point = run.base.needed if run.base is not None else None
+    model_point = run.model.needed
+    how = " (minimized)" if any(s["minimized"] for s in summaries) else ""
+    row(f"token edges for F >= {level:g}{how}", [_needed(s, "edges") for s in summaries],
         base_point and base_point.edges, model_point and model_point.edges)
-    row(f"token nodes for F >= {level:g}", [_needed(s, "nodes") for s in summaries],
+    row(f"token nodes for F >= {level:g}{how}", [_needed(s, "nodes") for s in summaries],
         base_point and base_point.nodes, model_point and model_point.nodes)
+    _sweep_row(lambda label, values: row(label, values), summaries, results)
     row("F of that circuit", [_fmt(s["circuit"]["faithfulness"], ".3f") for s in summaries])
     row("best F (edges)", [f"{s['best']['faithfulness']:.3f} ({s['best']['edges']:,})" for s in summaries])
     row(f"clean / corrupt {run.task.get('metric', 'metric')}",
@@ -221,8 +247,7 @@ def _print_token_tables(run) -> None:
                                                 for a in anatomy], *both(lambda a: a["graph"]["token_edges"]))
     row("  of which the corruption reaches", [f"{a['graph']['scored_edges']:,}" for a in anatomy],
         *both(lambda a: a["graph"]["scored_edges"]))
-    row("time: attribute + sweep", [f"{s['timing']['attribution_s']:.1f}s + "
-                                       f"{s['timing']['sweep_s'] + s['timing']['refine_s']:.1f}s" for s in summaries])
+    _time_row(row, summaries)
     console = Console()
     console.print(table)
     for r, a in zip(results, anatomy):

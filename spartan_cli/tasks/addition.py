@@ -6,13 +6,14 @@
 2. Metric (``evaluate``): exact-match accuracy, all five answer digits right under teacher forcing,
    which equals greedy decoding (proof in ``builtin.addition.exact_match``), on all problems and on the
    held-out ones.
-3. Contrast pairs (``contrast``, for circuits): a random problem ``aa+bb`` and its twin with the units
-   digit of b replaced by a different random digit. That always changes the sum (by -9..9, never 0 mod
-   10), so the two answers differ in at least their last digit. Both prompts run up to the first answer
-   digit where the two sums differ, teacher-forcing the answer digits they share before it:
-   ``53+21=0007`` / ``53+24=0007`` (sums 00074 / 00077 first differ in the units digit). The prompts then
-   differ in one position (b's units digit) and have one length; across pairs the length is 8..10
-   tokens (hundreds, tens or units digit first differs), right-padded.
+3. Contrast pairs (``contrast``, for circuits): a random problem ``aa+bb`` and its twin with some
+   operand digits replaced, each by a different random digit: the corruption (``addition:NAME``) says
+   which. The default ``b_units`` replaces b's units digit; that always changes the sum (by -9..9, never
+   0 mod 10). Corruptions that replace several digits draw again until the sums differ. Both prompts
+   run up to the first answer digit where the two sums differ, teacher-forcing the answer digits they
+   share before it: ``53+21=0007`` / ``53+24=0007`` (sums 00074 / 00077 first differ in the units
+   digit). The prompts then differ only in the replaced operand digits and have one length; across
+   pairs the length is 8..10 tokens (hundreds, tens or units digit first differs), right-padded.
    Metric: logit difference at the last real position, logit[right digit] - logit[the corrupted
    problem's digit] (``answers`` = [right, wrong] per row), batch mean.
 Only a tokenizer that maps "0".."9", "+", "=" to ids 0..11 (the built-in one) can express the task.
@@ -29,6 +30,18 @@ from spartan_cli.tasks import (LOGIT_DIFF, Task, TaskData, TaskMetric, TaskResul
 
 SUBSETS = {"heldout_pairs": "exact match on the held-out problems, never seen by the dense model"}
 
+# Operand digit positions in ``aa+bb=ccccc``.
+DIGITS = {"a_tens": 0, "a_units": 1, "b_tens": 3, "b_units": 4}
+# Corruption name -> (operand digits it replaces, description).
+CORRUPTIONS = {
+    **{name: ((name,), f"the {name.split('_')[1]} digit of {name[0]} replaced by a different random digit")
+       for name in DIGITS},
+    "units": (("a_units", "b_units"), "both units digits replaced, each by a different random digit"),
+    "tens": (("a_tens", "b_tens"), "both tens digits replaced, each by a different random digit"),
+    "operands": (tuple(DIGITS), "all four operand digits replaced, each by a different random digit"),
+}
+DEFAULT_CORRUPTION = "b_units"
+
 
 class AdditionTask(Task):
     name = "addition"
@@ -41,9 +54,22 @@ class AdditionTask(Task):
     row_metrics = (LOGIT_DIFF,)  # circuits only; ``score`` keeps exact match
     fixed_layout = True  # aa+bb=ccccc: every prompt is a prefix of one layout
 
+    def __init__(self, corruption: str = DEFAULT_CORRUPTION):
+        if corruption not in CORRUPTIONS:
+            raise TaskError(f"addition corruption {corruption!r} is unknown; choose one of {', '.join(CORRUPTIONS)} "
+                            f"(e.g. --task addition:operands)")
+        self.corruption = corruption
+
+    @property
+    def spec(self) -> str:
+        return f"{self.name}:{self.corruption}"
+
+    def configured(self, argument: str) -> "AdditionTask":
+        return AdditionTask(argument)
+
     def describe(self) -> dict:
-        return {**super().describe(), "corruption": "b_units",
-                "corruption_description": "the units digit of b replaced by a different random digit",
+        return {**super().describe(), "corruption": self.corruption,
+                "corruption_description": CORRUPTIONS[self.corruption][1],
                 "prompts": "aa+bb= plus the answer digits both sums share, up to the first that differs",
                 "answers": "[right digit id, corrupted problem's digit id] per prompt"}
 
@@ -56,7 +82,7 @@ class AdditionTask(Task):
             raise TaskError(f"addition: n={n!r}; there are {len(addition.ALL_PAIRS)} problems, ask for 1..that many")
         rng = random.Random(seed)
         pairs = [addition.ALL_PAIRS[i] for i in rng.sample(range(len(addition.ALL_PAIRS)), n)]
-        twins = [(a, b - b % 10 + rng.choice([d for d in range(10) if d != b % 10])) for a, b in pairs]
+        twins = [_twin(a, b, CORRUPTIONS[self.corruption][0], rng) for a, b in pairs]
         clean_ids, corrupted_ids = addition.encode(pairs).tolist(), addition.encode(twins).tolist()  # (n, 11)
         clean_rows, corrupted_rows, answers = [], [], []
         for clean, corrupted in zip(clean_ids, corrupted_ids):
@@ -91,6 +117,17 @@ class AdditionTask(Task):
             metrics.append(TaskMetric(f"accuracy_{subset}", addition.exact_match(model, pairs[rows], batch_size=batch_size),
                                       len(rows), SUBSETS.get(subset, f"exact match on {subset}"), unit="fraction"))
         return TaskResult(task=self.name, metrics=tuple(metrics))
+
+
+def _twin(a: int, b: int, digits: tuple[str, ...], rng: random.Random) -> tuple[int, int]:
+    """(a, b) with each of ``digits`` replaced by a different random digit, drawn until the sum changes."""
+    while True:
+        row = [a // 10, a % 10, None, b // 10, b % 10]
+        for name in digits:
+            row[DIGITS[name]] = rng.choice([d for d in range(10) if d != row[DIGITS[name]]])
+        twin = (row[0] * 10 + row[1], row[3] * 10 + row[4])
+        if sum(twin) != a + b:
+            return twin
 
 
 def _pairs(ids):
