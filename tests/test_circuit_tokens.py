@@ -284,6 +284,33 @@ def test_find_token_circuit_end_to_end_and_files(tmp_path):
     assert nx.read_graphml(tmp_path / "out" / "circuit.graphml").number_of_edges() > 0
 
 
+def test_minimized_token_circuit_is_one_minimal_and_round_trips(tmp_path):
+    """minimize=True: the token circuit still reaches the level when patched again, is no larger than the
+    sweep's, no single edge can leave it, and circuit.json keeps the minimized point."""
+    model = _model("gpt2", gated=True, bias=0.5)
+    cfg = CircuitConfig(model="micro", method="eap", n_examples=6, batch_size=6, level="token", minimize=True)
+    result = find_circuit(model, None, cfg, task=_Pairs())
+    assert result.reached and result.minimized is not None and result.needed is result.minimized
+    assert result.graph.n_edges == result.minimized.edges <= result.point.edges
+    graph = result.graph
+    without_one = []
+    for e in torch.nonzero(graph.in_graph).flatten().tolist():
+        trial = graph.in_graph.clone()
+        trial[e] = False
+        without_one.append(prune(graph, trial))
+    again = evaluate_tokens(model, [_Pairs().contrast(None, n=6)], metric=_Pairs().metric, graph=graph,
+                            circuits=[graph.in_graph] + without_one)
+    f_all = [again.faithfulness(m) for m in again.metrics]
+    assert f_all[0] == pytest.approx(result.minimized.faithfulness, abs=1e-5) and f_all[0] >= 0.9
+    assert max(f_all[1:]) < 0.9
+    summary = result.summary()
+    assert summary["minimized"] and summary["edges_needed"] == graph.n_edges
+    assert summary["sweep_circuit"]["edges"] == result.point.edges
+    write_all(result, tmp_path / "out", command="test")
+    back = read_circuit(tmp_path / "out" / "circuit.json")
+    assert back.minimized == result.minimized and torch.equal(back.graph.in_graph, graph.in_graph)
+
+
 def test_token_level_needs_a_fixed_layout_and_a_gradient_method():
     model = _model("gpt2", gated=False)
 

@@ -471,12 +471,12 @@ def find_circuit(model, tokenizer, cfg: CircuitConfig, *, task=None, name: str |
             from spartan_cli.circuit.select import prune
 
             t = time.perf_counter()
-            stage = f"minimizing the circuit of {name} ({circuit.n_edges} edges, one evaluation each)"
+            stage = f"minimizing the circuit of {name} (one evaluation per edge)"
             circuit, minimized = eliminate(
                 scored, circuit, probe.point, prune=prune, level=cfg.faithfulness,
                 evaluate_with=lambda circuits: evaluate(model, batches, metric=task.metric, graph=scored,
                                                         circuits=circuits, max_delta_mb=cfg.max_delta_mb),
-                on_step=lambda done, total: say(Progress(stage, done, total)))
+                on_step=lambda n, tried, edges: say(Progress(f"{stage}, pass {n}", tried, edges)))
             timing["minimize_s"] = time.perf_counter() - t
     say(Progress(f"attention edges of {name}", 0, None))
     attention = attention_edges(model, batches, circuit)

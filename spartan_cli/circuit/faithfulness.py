@@ -262,25 +262,24 @@ class SweepChoice:
 
 def eliminate(scored, circuit, point: CurvePoint, *, evaluate_with: Callable[[list], Evaluation],
               prune: Callable, level: float,
-              on_step: Callable[[int, int], None] | None = None) -> tuple[object, CurvePoint]:
+              on_step: Callable[[int, int, int], None] | None = None) -> tuple[object, CurvePoint]:
     """Backward elimination (module docstring) of ``circuit``, the selection at the sweep's ``point``.
 
     ``scored`` and ``circuit`` are one graph type (a component Graph or a TokenGraph: ``in_graph``,
     ``scores``, ``with_circuit``, ``n_edges``, ``n_nodes``); ``evaluate_with(circuits)`` evaluates a list of
     ``in_graph`` tensors (``evaluate`` or ``evaluate_tokens`` bound to the model and batches); ``prune(graph,
     in_graph)`` is that graph type's pruning. Returns (the minimized circuit, its point: same requested
-    size, its edges, nodes, metric and F; ``point`` itself when no edge could go). ``on_step(done, total)``
-    after each try; ``total`` grows by a pass at a time."""
+    size, its edges, nodes, metric and F; ``point`` itself when no edge could go). ``on_step(pass, tried,
+    edges)`` after each try: pass number (from 1), edges tried in it, and the edges it visits."""
     current = circuit.in_graph.bool().clone()
     magnitude = scored.scores.flatten().abs()
-    kept, done, dropped = None, 0, True
+    kept, passes, dropped = None, 0, True
     while dropped:  # F is not monotone: an edge kept early may go once others have gone
         dropped = False
         order = torch.nonzero(current.flatten()).flatten()
         order = order[torch.argsort(magnitude[order], stable=True)].tolist()  # lowest |score| first
-        total = done + len(order)
-        for i in order:
-            done += 1
+        passes += 1
+        for tried, i in enumerate(order, 1):
             if current.flatten()[i]:  # still there (an earlier drop may have pruned it)
                 trial = current.clone()
                 trial.view(-1)[i] = False
@@ -291,7 +290,7 @@ def eliminate(scored, circuit, point: CurvePoint, *, evaluate_with: Callable[[li
                 if not math.isnan(f) and f >= level:
                     current, kept, dropped = trial, (metric, f), True
             if on_step is not None:
-                on_step(done, total)
+                on_step(passes, tried, len(order))
     if kept is None:
         return circuit, point
     circuit = scored.with_circuit(current)

@@ -240,12 +240,12 @@ def find_token_circuit(model, tokenizer, cfg, *, task, name: str | None = None,
             from spartan_cli.circuit.tokens import prune
 
             t = time.perf_counter()
-            stage = f"minimizing the token circuit of {name} ({circuit.n_edges} edges, one evaluation each)"
+            stage = f"minimizing the token circuit of {name} (one evaluation per edge)"
             circuit, minimized = eliminate(
                 scored, circuit, probe.point, prune=prune, level=cfg.faithfulness,
                 evaluate_with=lambda circuits: evaluate_tokens(model, batches, metric=task.metric, graph=scored,
                                                                circuits=circuits, max_delta_mb=cfg.max_delta_mb),
-                on_step=lambda done, total: say(Progress(stage, done, total)))
+                on_step=lambda n, tried, edges: say(Progress(f"{stage}, pass {n}", tried, edges)))
             timing["minimize_s"] = time.perf_counter() - t
     timing["total_s"] = time.perf_counter() - start
     return TokenCircuitResult(name=name, gated=gated, graph=circuit, curve=curve, refined=refined,

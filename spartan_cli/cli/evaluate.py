@@ -55,7 +55,7 @@ class StageProgress:
             else:
                 self.progress.update(self.task, completed=rec.done)
         elif rec.total is not None and (rec.done == rec.total or rec.done % max(1, rec.total // 10) == 0):
-            print(f"{rec.stage}: {rec.done}/{rec.total} batches", file=sys.stderr, flush=True)
+            print(f"{rec.stage}: {rec.done}/{rec.total}", file=sys.stderr, flush=True)
 
 
 def quiet_loading() -> None:
