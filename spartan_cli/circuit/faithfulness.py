@@ -16,7 +16,7 @@ edges needed for a faithfulness level are read off the running maximum of F (cur
 CPR and CMD are trapezoid areas of F and |1 - F| over the requested edge fraction, as in MIB.
 
 Minimizing (``eliminate``): the sweep's circuit is a prefix of one score ranking, so it can hold edges
-that rank high but matter little. Backward elimination, as ACDC prunes, visits the circuit's edges once,
+that rank high but matter little. Backward elimination, as ACDC prunes, visits the circuit's edges,
 lowest |score| first, drops each one whose removal (then pruning) keeps F >= the level, and repeats the
 pass until one drops nothing: a circuit from which no single edge can go. One patched evaluation per
 edge per pass (usually two or three passes).
