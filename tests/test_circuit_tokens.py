@@ -174,6 +174,26 @@ def test_scores_are_the_derivative_of_patching_each_edge(arch):
             assert graph.scores[e].item() == pytest.approx(derivative, rel=2e-3, abs=1e-7), graph.edge(e)
 
 
+def test_gate_gradient_changes_only_gated_token_scores():
+    """straight-through vs hard: a dense model's token scores are equal; a gated model's differ, except the
+    residual edges into the logits (no gate lies between them and the metric)."""
+    batch = [_contrast(rows=4)]
+    for gated in (False, True):
+        model = _model("gpt2", gated=gated, bias=0.5)
+        hard, st = (attribute_tokens(model, batch, metric=logit_difference, gate_gradient=gg)
+                    for gg in ("hard", "straight-through"))
+        if not gated:
+            assert torch.equal(hard.scores, st.scores) and st.meta["gate_gradient"] is None
+            continue
+        assert st.meta["gate_gradient"] == "straight-through"
+        into_logits = hard.residual_index[:, 1] == hard.component.logits_slot
+        assert into_logits.any() and torch.equal(hard.scores[:hard.n_residual][into_logits],
+                                                 st.scores[:st.n_residual][into_logits])
+        assert (hard.scores != st.scores).any()
+    with pytest.raises(ConfigError, match="gate gradient 'soft' is unknown"):
+        attribute_tokens(model, batch, metric=logit_difference, gate_gradient="soft")
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "neox"])
 def test_token_patching_agrees_with_component_patching(arch):
     """A token circuit holding every attention edge and, at every position, the residual edges of a

@@ -135,10 +135,11 @@ def _unembedding_backward_on_read_rows(model):
         handle.remove()
 
 
-def _straight_through_term(module, q, k, v, mask, scaling) -> torch.Tensor | None:
+def _straight_through_term(module, q, k, v, mask, scaling, scores=None) -> torch.Tensor | None:
     """A zero-valued (batch, pos, n_heads, d_head) term for a gated layer's output whose gradient is the
     straight-through one of its deterministic gates, or None for an ungated layer or gates forced by a scope.
-    q, k, v: (batch, n_heads, pos, d_head), one k/v per query head (as wiring hands them over)."""
+    q, k, v: (batch, n_heads, pos, d_head), one k/v per query head (as wiring hands them over); ``scores``:
+    the layer's q.k * scaling when the caller has them (the gradient then also reaches that tensor)."""
     from spartan_cli.attention import STATE_ATTR, allowed_mask
     from spartan_cli.gates import gate_kind
 
@@ -147,8 +148,9 @@ def _straight_through_term(module, q, k, v, mask, scaling) -> torch.Tensor | Non
         return None
     kind = gate_kind(state.cfg.kind)
     scaling = q.shape[-1] ** -0.5 if scaling is None else scaling
-    with torch.autocast(device_type=q.device.type, enabled=False):  # fp32 like the gates themselves
-        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scaling  # (batch, n_heads, q, k)
+    if scores is None:
+        with torch.autocast(device_type=q.device.type, enabled=False):  # fp32 like the gates themselves
+            scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scaling  # (batch, n_heads, q, k)
     allowed = allowed_mask(mask, q.shape[2], k.shape[2], q.device)  # (batch|1, 1, q, k)
     pattern = torch.softmax(scores.detach().masked_fill(~allowed, torch.finfo(scores.dtype).min), dim=-1)  # P
     soft = kind.open_probability(kind.logits(scores, state.cfg.bias))  # sigmoid(g), (batch, n_heads, q, k)

@@ -203,7 +203,7 @@ def find_token_circuit(model, tokenizer, cfg, *, task, name: str | None = None,
         scored = attribute_tokens(model, batches, metric=task.metric,
                                   ig_steps=cfg.ig_steps if cfg.attribution == "eap-ig-inputs" else 1,
                                   graph=Graph.from_model(model), max_delta_mb=cfg.max_delta_mb, meta=meta,
-                                  on_step=on_attr)
+                                  on_step=on_attr, gate_gradient=cfg.gate_gradient)
         timing["attribution_s"] = time.perf_counter() - t
 
         def run_sweep(sizes, label):

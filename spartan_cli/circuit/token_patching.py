@@ -38,7 +38,8 @@ from dataclasses import dataclass
 
 import torch
 
-from spartan_cli.circuit.attribute import DEFAULT_MAX_DELTA_MB, AttributionStep, Record
+from spartan_cli.circuit.attribute import (DEFAULT_GATE_GRADIENT, DEFAULT_MAX_DELTA_MB, GATE_GRADIENTS, AttributionStep,
+                                           Record)
 from spartan_cli.circuit.contrast import Contrast, Metric, chunks
 from spartan_cli.circuit.faithfulness import Curve, CurvePoint, Evaluation, EvaluationStep, log_grid
 from spartan_cli.circuit.graph import Graph
@@ -151,10 +152,10 @@ class TokenScores(Tap):
     interpolated ones, so every step multiplies its gradients by the same real differences."""
 
     def __init__(self, graph: Graph, delta, res_scores, attn_scores, corr_kv, clean_kv, edges, *, subtract: bool,
-                 input: torch.Tensor | None = None):
+                 input: torch.Tensor | None = None, gate_term: Callable | None = None):
         self.graph, self.delta, self.res, self.attn = graph, delta, res_scores, attn_scores
         self.corr_kv, self.clean_kv, self.edges = corr_kv, clean_kv, edges
-        self.subtract, self.input = subtract, input
+        self.subtract, self.input, self.gate_term = subtract, input, gate_term
 
     def source(self, start, out):
         if start == 0:
@@ -199,7 +200,8 @@ class TokenScores(Tap):
         if out.y.requires_grad:
             out.y.register_hook(on_y)
             out.s.register_hook(on_s)
-        return out.z
+        term = None if self.gate_term is None else self.gate_term(module, q, k, v, mask, scaling, scores=out.s)
+        return out.z if term is None else out.z + term.to(out.z.dtype)  # term: value 0, gradient into s
 
 
 class TokenPatch(Tap):
@@ -271,17 +273,23 @@ def _corrupted_and_clean(wiring, batch, graph: Graph, param, d_model):
 
 def attribute_tokens(model, batches: Iterable[Contrast], *, metric: Metric, ig_steps: int = 1,
                      graph: Graph | None = None, max_delta_mb: float = DEFAULT_MAX_DELTA_MB, meta: dict | None = None,
-                     on_step: Callable[[AttributionStep], None] | None = None) -> TokenGraph:
+                     on_step: Callable[[AttributionStep], None] | None = None,
+                     gate_gradient: str = DEFAULT_GATE_GRADIENT) -> TokenGraph:
     """Score every token edge (module docstring) -> a TokenGraph with every edge in the circuit.
 
     ``batches`` must share one layout (position p means the same in every prompt); ``metric`` reads each
     row's last real position (the logits nodes). Gated models: deterministic gates, and the attention edges
-    are the pairs open on the clean run of some prompt (``open_share``: the share of prompts)."""
+    are the pairs open on the clean run of some prompt (``open_share``: the share of prompts); the backward
+    passes the gates as ``gate_gradient`` says (attribute.GATE_GRADIENTS: hard zero, or straight-through
+    sigmoid'(g), which then also enters the key scores of open pairs: a corrupted key may shut a gate)."""
     from spartan_cli.evaluate import is_gated
     from spartan_cli.models import model_shape
 
     if ig_steps < 1:
         raise ConfigError(f"ig_steps must be >= 1, got {ig_steps!r}")
+    if gate_gradient not in GATE_GRADIENTS:
+        raise ConfigError(f"gate gradient {gate_gradient!r} is unknown; choose one of "
+                          f"{', '.join(sorted(GATE_GRADIENTS))}")
     batches = list(batches)
     n_pos, metric_positions = _layout(batches)
     graph = Graph.from_model(model) if graph is None else graph
@@ -303,7 +311,8 @@ def attribute_tokens(model, batches: Iterable[Contrast], *, metric: Metric, ig_s
             for k in range(ig_steps, 0, -1):
                 alpha = k / ig_steps
                 tap = TokenScores(graph, delta, res, attn, corr_kv, clean_kv, edges, subtract=k == ig_steps,
-                                  input=None if k == ig_steps else e_corr - alpha * delta[0])
+                                  input=None if k == ig_steps else e_corr - alpha * delta[0],
+                                  gate_term=GATE_GRADIENTS[gate_gradient])
                 with torch.enable_grad():
                     logits = wiring.run(batch.clean.to(param.device), attention_mask=mask, tap=tap)
                     (metric(logits, batch) * (rows / ig_steps)).backward()
@@ -317,7 +326,8 @@ def attribute_tokens(model, batches: Iterable[Contrast], *, metric: Metric, ig_s
     tokens = TokenGraph.build(graph, n_pos=n_pos, metric_positions=metric_positions, attn_pairs=pairs, gated=gated,
                               open_share=(opened.cpu() / examples) if gated else None,
                               meta={**(meta or {}), "n_examples": examples,
-                                    "gate_policy": GATE_POLICY if gated else None})
+                                    "gate_policy": GATE_POLICY if gated else None,
+                                    "gate_gradient": gate_gradient if gated else None})
     res, attn = res.cpu() / examples, attn.cpu() / examples
     flat = torch.cat([res[tokens.residual_real], attn[tuple(tokens.attn_index.unbind(1))]])
     return tokens.with_scores(flat, method="eap-ig-inputs" if ig_steps > 1 else "eap", ig_steps=ig_steps)

@@ -23,7 +23,7 @@ GATE_GRADIENT_CHOICES = ("hard", "straight-through")  # attribute.GATE_GRADIENTS
               "edge: small models only; sees gate switching that gradients miss).")
 @click.option("--ig-steps", type=click.IntRange(min=1), default=5, show_default=True, help="EAP-IG integration steps.")
 @click.option("--gate-gradient", type=click.Choice(GATE_GRADIENT_CHOICES), default="straight-through",
-              show_default=True, help="Gated models, eap/eap-ig: backward through the deterministic gates: "
+              show_default=True, help="Gated models, eap/eap-ig, both levels: backward through the deterministic gates: "
               "straight-through (sigmoid'(g), as training; finds smaller faithful circuits) or hard (zero, the "
               "exact derivative); the forward is unchanged.")
 @click.option("--n-examples", type=click.IntRange(min=1), default=None, help="Clean/corrupted pairs [the task's default].")
