@@ -41,7 +41,7 @@ def test_pairs_differ_in_b_units_and_read_the_first_differing_digit(tok):
 def test_other_corruptions_replace_their_digits_and_change_the_sum(tok, corruption):
     task = get_task(f"addition:{corruption}")
     assert task.spec == f"addition:{corruption}" and task.describe()["corruption"] == corruption
-    replaced = {addition_task.DIGITS[d] for d in addition_task.CORRUPTIONS[corruption][0]}
+    replaced = {addition_task.DIGITS[d] for d in addition_task.CORRUPTED_DIGITS[corruption]}
     batch = task.contrast(tok, n=300, seed=1)
     lengths = batch.attention_mask.sum(1)
     for i in range(300):

@@ -109,7 +109,7 @@ def test_templates_mirror_each_other():
 
 
 def test_unknown_corruption_and_unexpressible_names(tiny_tokenizer):
-    with pytest.raises(TaskError, match="choose one of aba, abc, s2"):
+    with pytest.raises(TaskError, match="choose one of s2, abc, aba"):
         get_task("ioi:xyz")
     with pytest.raises(TaskError, match="Michael") as err:  # the tiny BPE splits every name
         get_task("ioi").contrast(tiny_tokenizer)

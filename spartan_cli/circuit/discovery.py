@@ -467,23 +467,35 @@ def find_circuit(model, tokenizer, cfg: CircuitConfig, *, task=None, name: str |
         assert circuit.n_edges == probe.chosen.edges, (circuit.n_edges, probe.chosen)
         minimized = None
         if cfg.minimize and probe.point is not None:
-            from spartan_cli.circuit.faithfulness import eliminate, evaluate
+            from spartan_cli.circuit.faithfulness import evaluate
             from spartan_cli.circuit.select import prune
 
-            t = time.perf_counter()
-            stage = f"minimizing the circuit of {name} (one evaluation per edge)"
-            circuit, minimized = eliminate(
-                scored, circuit, probe.point, prune=prune, level=cfg.faithfulness,
-                evaluate_with=lambda circuits: evaluate(model, batches, metric=task.metric, graph=scored,
-                                                        circuits=circuits, max_delta_mb=cfg.max_delta_mb),
-                on_step=lambda n, tried, edges: say(Progress(f"{stage}, pass {n}", tried, edges)))
-            timing["minimize_s"] = time.perf_counter() - t
+            circuit, minimized = minimize(model, batches, task, cfg, scored, circuit, probe.point, evaluate=evaluate,
+                                          prune=prune, what=f"circuit of {name}", say=say, timing=timing)
     say(Progress(f"attention edges of {name}", 0, None))
     attention = attention_edges(model, batches, circuit)
     timing["total_s"] = time.perf_counter() - start
     return CircuitResult(name=name, gated=gated, graph=circuit, curve=curve, refined=refined, level=cfg.faithfulness,
                          top_heads=top_heads(circuit, cfg.top_heads), attention=attention, timing=timing,
                          n_examples=len(pairs), minimized=minimized)
+
+
+def minimize(model, batches, task, cfg: CircuitConfig, scored, circuit, point: CurvePoint, *, evaluate: Callable,
+             prune: Callable, what: str, say: Callable, timing: dict) -> tuple:
+    """``--minimize`` for either search: ``faithfulness.eliminate`` of ``circuit`` (selected at the sweep's
+    ``point``) with that graph type's ``evaluate`` and ``prune``, progress per pass, timed into ``timing``.
+    Returns (circuit, its point)."""
+    from spartan_cli.circuit.faithfulness import eliminate
+    from spartan_cli.evaluate import Progress
+
+    t = time.perf_counter()
+    stage = f"minimizing the {what} (one evaluation per edge)"
+    result = eliminate(scored, circuit, point, prune=prune, level=cfg.faithfulness,
+                       evaluate_with=lambda circuits: evaluate(model, batches, metric=task.metric, graph=scored,
+                                                               circuits=circuits, max_delta_mb=cfg.max_delta_mb),
+                       on_step=lambda n, tried, edges: say(Progress(f"{stage}, pass {n}", tried, edges)))
+    timing["minimize_s"] = time.perf_counter() - t
+    return result
 
 
 def circuit_run(cfg: CircuitConfig, *, on_progress: Callable | None = None) -> CircuitRun:
@@ -525,4 +537,4 @@ def circuit_run(cfg: CircuitConfig, *, on_progress: Callable | None = None) -> C
 
 
 __all__ = ["CircuitConfig", "CircuitResult", "CircuitRun", "AttentionEdges", "NodeScore", "METHOD_NAMES",
-           "attention_edges", "circuit_run", "find_circuit", "node_scores", "refine_sizes", "top_heads"]
+           "attention_edges", "circuit_run", "find_circuit", "minimize", "node_scores", "refine_sizes", "top_heads"]

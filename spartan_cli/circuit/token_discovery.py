@@ -235,18 +235,13 @@ def find_token_circuit(model, tokenizer, cfg, *, task, name: str | None = None,
         assert circuit.n_edges == probe.chosen.edges, (circuit.n_edges, probe.chosen)
         minimized = None
         if cfg.minimize and probe.point is not None:
-            from spartan_cli.circuit.faithfulness import eliminate
+            from spartan_cli.circuit.discovery import minimize
             from spartan_cli.circuit.token_patching import evaluate_tokens
             from spartan_cli.circuit.tokens import prune
 
-            t = time.perf_counter()
-            stage = f"minimizing the token circuit of {name} (one evaluation per edge)"
-            circuit, minimized = eliminate(
-                scored, circuit, probe.point, prune=prune, level=cfg.faithfulness,
-                evaluate_with=lambda circuits: evaluate_tokens(model, batches, metric=task.metric, graph=scored,
-                                                               circuits=circuits, max_delta_mb=cfg.max_delta_mb),
-                on_step=lambda n, tried, edges: say(Progress(f"{stage}, pass {n}", tried, edges)))
-            timing["minimize_s"] = time.perf_counter() - t
+            circuit, minimized = minimize(model, batches, task, cfg, scored, circuit, probe.point,
+                                          evaluate=evaluate_tokens, prune=prune, what=f"token circuit of {name}",
+                                          say=say, timing=timing)
     timing["total_s"] = time.perf_counter() - start
     return TokenCircuitResult(name=name, gated=gated, graph=circuit, curve=curve, refined=refined,
                               level=cfg.faithfulness, timing=timing, n_examples=len(pairs), minimized=minimized)

@@ -340,6 +340,33 @@ ACCURACY = RowMetric("accuracy", "the right answer's logit beats the wrong one's
 
 
 # ------------------------------------------------------------------------------------- registry
+class CorruptionChoice:
+    """A task whose corruption ``name:CORRUPTION`` picks (``ioi:abc``, ``addition:operands``); mixed into
+    a Task that sets ``corruptions`` (name -> description) and ``default_corruption``."""
+
+    name: ClassVar[str]
+    corruptions: ClassVar[dict[str, str]]
+    default_corruption: ClassVar[str]
+
+    def __init__(self, corruption: str | None = None):
+        corruption = self.default_corruption if corruption is None else corruption
+        if corruption not in self.corruptions:
+            raise TaskError(f"{self.name} corruption {corruption!r} is unknown; choose one of "
+                            f"{', '.join(self.corruptions)} (e.g. --task {self.name}:{self.default_corruption})")
+        self.corruption = corruption
+
+    @property
+    def spec(self) -> str:
+        return f"{self.name}:{self.corruption}"
+
+    def configured(self, argument: str):
+        return type(self)(argument)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "corruption": self.corruption,
+                "corruption_description": self.corruptions[self.corruption]}
+
+
 def _registry() -> dict[str, Task]:
     from spartan_cli.tasks.addition import AdditionTask
     from spartan_cli.tasks.custom import CustomTask

@@ -21,29 +21,30 @@ Only a tokenizer that maps "0".."9", "+", "=" to ids 0..11 (the built-in one) ca
 
 from __future__ import annotations
 
-from spartan_cli.errors import TaskError
 import random
 
-from spartan_cli.tasks import (LOGIT_DIFF, Task, TaskData, TaskMetric, TaskResult, contrast_batch, logit_difference,
-                               pad_id)
+from spartan_cli.errors import TaskError
+from spartan_cli.tasks import (LOGIT_DIFF, CorruptionChoice, Task, TaskData, TaskMetric, TaskResult, contrast_batch,
+                               logit_difference, pad_id)
 
 
 SUBSETS = {"heldout_pairs": "exact match on the held-out problems, never seen by the dense model"}
 
 # Operand digit positions in ``aa+bb=ccccc``.
 DIGITS = {"a_tens": 0, "a_units": 1, "b_tens": 3, "b_units": 4}
-# Corruption name -> (operand digits it replaces, description).
+# Corruption name -> the operand digits it replaces, and what it does.
+CORRUPTED_DIGITS = {**{name: (name,) for name in DIGITS}, "units": ("a_units", "b_units"),
+                    "tens": ("a_tens", "b_tens"), "operands": tuple(DIGITS)}
 CORRUPTIONS = {
-    **{name: ((name,), f"the {name.split('_')[1]} digit of {name[0]} replaced by a different random digit")
-       for name in DIGITS},
-    "units": (("a_units", "b_units"), "both units digits replaced, each by a different random digit"),
-    "tens": (("a_tens", "b_tens"), "both tens digits replaced, each by a different random digit"),
-    "operands": (tuple(DIGITS), "all four operand digits replaced, each by a different random digit"),
+    **{name: f"the {name.split('_')[1]} digit of {name[0]} replaced by a different random digit" for name in DIGITS},
+    "units": "both units digits replaced, each by a different random digit",
+    "tens": "both tens digits replaced, each by a different random digit",
+    "operands": "all four operand digits replaced, each by a different random digit",
 }
 DEFAULT_CORRUPTION = "b_units"
 
 
-class AdditionTask(Task):
+class AdditionTask(CorruptionChoice, Task):
     name = "addition"
     summary = "two-digit addition of the built-in model: exact-match accuracy (all 10,000 and held-out problems)"
     native_model = "addition"
@@ -53,23 +54,11 @@ class AdditionTask(Task):
     default_n = 256
     row_metrics = (LOGIT_DIFF,)  # circuits only; ``score`` keeps exact match
     fixed_layout = True  # aa+bb=ccccc: every prompt is a prefix of one layout
-
-    def __init__(self, corruption: str = DEFAULT_CORRUPTION):
-        if corruption not in CORRUPTIONS:
-            raise TaskError(f"addition corruption {corruption!r} is unknown; choose one of {', '.join(CORRUPTIONS)} "
-                            f"(e.g. --task addition:operands)")
-        self.corruption = corruption
-
-    @property
-    def spec(self) -> str:
-        return f"{self.name}:{self.corruption}"
-
-    def configured(self, argument: str) -> "AdditionTask":
-        return AdditionTask(argument)
+    corruptions = CORRUPTIONS
+    default_corruption = DEFAULT_CORRUPTION
 
     def describe(self) -> dict:
-        return {**super().describe(), "corruption": self.corruption,
-                "corruption_description": CORRUPTIONS[self.corruption][1],
+        return {**super().describe(),
                 "prompts": "aa+bb= plus the answer digits both sums share, up to the first that differs",
                 "answers": "[right digit id, corrupted problem's digit id] per prompt"}
 
@@ -82,7 +71,7 @@ class AdditionTask(Task):
             raise TaskError(f"addition: n={n!r}; there are {len(addition.ALL_PAIRS)} problems, ask for 1..that many")
         rng = random.Random(seed)
         pairs = [addition.ALL_PAIRS[i] for i in rng.sample(range(len(addition.ALL_PAIRS)), n)]
-        twins = [_twin(a, b, CORRUPTIONS[self.corruption][0], rng) for a, b in pairs]
+        twins = [_twin(a, b, CORRUPTED_DIGITS[self.corruption], rng) for a, b in pairs]
         clean_ids, corrupted_ids = addition.encode(pairs).tolist(), addition.encode(twins).tolist()  # (n, 11)
         clean_rows, corrupted_rows, answers = [], [], []
         for clean, corrupted in zip(clean_ids, corrupted_ids):

@@ -24,8 +24,8 @@ from __future__ import annotations
 import random
 
 from spartan_cli.errors import TaskError
-from spartan_cli.tasks import (RowMetric, Task, best_is_right, contrast_batch, encode, logit_difference, pad_id,
-                               single_token)
+from spartan_cli.tasks import (CorruptionChoice, RowMetric, Task, best_is_right, contrast_batch, encode,
+                               logit_difference, pad_id, single_token)
 
 # [B] is the subject (S1, then S2), [A] the indirect object; the prompt ends before the final [A].
 BABA_TEMPLATES = (
@@ -83,30 +83,18 @@ def templates(prompt_type: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-class IOITask(Task):
+class IOITask(CorruptionChoice, Task):
     name = "ioi"
     summary = "indirect object identification (15 BABA + ABBA templates): logit diff IO - S, accuracy"
     metric_name = "logit_diff"
     metric_description = "logit[' IO'] - logit[' S'] at the last real position, mean over prompts"
     default_n = 128
     row_metrics = (LOGIT_DIFF, ACCURACY)
-
-    def __init__(self, corruption: str = DEFAULT_CORRUPTION):
-        if corruption not in CORRUPTIONS:
-            raise TaskError(f"ioi corruption {corruption!r} is unknown; choose one of {', '.join(sorted(CORRUPTIONS))} "
-                            f"(e.g. --task ioi:{DEFAULT_CORRUPTION})")
-        self.corruption = corruption
-
-    @property
-    def spec(self) -> str:
-        return f"{self.name}:{self.corruption}"
-
-    def configured(self, argument: str) -> "IOITask":
-        return IOITask(argument)
+    corruptions = CORRUPTIONS
+    default_corruption = DEFAULT_CORRUPTION
 
     def describe(self) -> dict:
-        return {**super().describe(), "corruption": self.corruption,
-                "corruption_description": CORRUPTIONS[self.corruption],
+        return {**super().describe(),
                 "prompts": "15 BABA templates and their ABBA mirrors, half each; names/places/objects of the IOI "
                            "dataset kept where ' '+word is one token",
                 "answers": "[IO token id, S token id] per prompt"}
