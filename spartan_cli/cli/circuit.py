@@ -17,7 +17,8 @@ GATE_GRADIENT_CHOICES = ("hard", "straight-through")  # attribute.GATE_GRADIENTS
 @click.command("circuit")
 @click.argument("model")
 @click.option("--task", default=None, help=f"Task: {', '.join(n for n in task_names() if n != 'custom')}, "
-              "custom:FILE (.jsonl, EAP-IG .csv, auto-circuit .json) [built-in addition: addition].")
+              "custom:FILE (.jsonl, EAP-IG .csv, auto-circuit .json) [built-in addition: addition]. A corruption "
+              "after a colon: ioi:s2|abc|aba, addition:b_units|a_units|a_tens|b_tens|units|tens|operands.")
 @click.option("--method", type=click.Choice(METHOD_CHOICES), default="eap-ig", show_default=True,
               help="Edge attribution: EAP (one backward), EAP-IG on the inputs, or exact (one patched run per "
               "edge: small models only; sees gate switching that gradients miss).")
@@ -62,6 +63,7 @@ def command(model, task, method, ig_steps, gate_gradient, n_examples, batch_size
       spartan circuit runs/addition --compare-base --out runs/addition-circuit
       spartan circuit runs/smollm2 --task ioi --n-examples 64 --method eap --json
       spartan circuit runs/addition --level token --compare-base --out runs/addition-tokens
+      spartan circuit runs/addition --task addition:operands --compare-base --minimize
     """
     from spartan_cli.circuit.discovery import CircuitConfig, circuit_run
     from spartan_cli.report import make_report, write_report
