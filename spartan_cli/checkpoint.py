@@ -220,7 +220,6 @@ def load(ckpt, *, device=None, dtype=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from spartan_cli.attention import attach_gates
-    from spartan_cli.config import GateConfig
 
     meta = read_meta(ckpt)
     try:

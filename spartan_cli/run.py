@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from spartan_cli.config import GateConfig, GecoConfig, TrainConfig, strict_from_dict, to_jsonable
+from spartan_cli.config import GateConfig, GecoConfig, TrainConfig, to_jsonable
 from spartan_cli.errors import ConfigError
 
 log = logging.getLogger(__name__)
