@@ -37,6 +37,24 @@ def llama(seed: int = 0):
 
 BUILDERS = {"gpt2": gpt2, "neox": neox, "llama": llama}
 
+
+def logit_difference(logits, batch):
+    """Mean over rows of logit(right) - logit(wrong) at the last position."""
+    last = logits[:, -1]  # (batch, vocab)
+    return (last.gather(1, batch.answers[:, :1]) - last.gather(1, batch.answers[:, 1:])).mean()
+
+
+def contrast(rows: int = 8, pos: int = 8, seed: int = 0, corrupt: tuple[int, ...] = (2, 5)):
+    """Random prompts whose corrupted twin differs at the ``corrupt`` positions; random right/wrong answers."""
+    from spartan_cli.circuit import ContrastBatch
+
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.randint(1, VOCAB, (rows, pos), generator=g)
+    corrupted = clean.clone()
+    for p in corrupt:
+        corrupted[:, p] = torch.randint(1, VOCAB, (rows,), generator=g)
+    return ContrastBatch(clean, corrupted, torch.randint(1, VOCAB, (rows, 2), generator=g))
+
 # the module whose input is the concatenation of per-head attention outputs, per architecture
 OUT_PROJ = {"gpt2": lambda m, l: m.transformer.h[l].attn.c_proj,
             "neox": lambda m, l: m.gpt_neox.layers[l].attention.dense,

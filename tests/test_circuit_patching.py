@@ -6,34 +6,18 @@ import pytest
 import torch
 
 from spartan_cli.attention import attach_gates
-from spartan_cli.circuit import (ContrastBatch, Curve, CurvePoint, Graph, Tap, attribute, evaluate, faithfulness,
-                                 select, sweep, wired)
+from spartan_cli.circuit import (Curve, CurvePoint, Graph, Tap, attribute, evaluate, faithfulness, select, sweep,
+                                 wired)
 from spartan_cli.circuit.attribute import Record
 from spartan_cli.circuit.faithfulness import Patch
 from spartan_cli.config import GateConfig
 from spartan_cli.errors import ConfigError
-from tests.micro import BUILDERS, VOCAB
+from tests.micro import BUILDERS, contrast, logit_difference
 
 ARCHS = sorted(BUILDERS)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
-
-
-def logit_difference(logits, batch):
-    """Mean over rows of logit(right) - logit(wrong) at the last position."""
-    last = logits[:, -1]  # (batch, vocab)
-    return (last.gather(1, batch.answers[:, :1]) - last.gather(1, batch.answers[:, 1:])).mean()
-
-
-def _contrast(rows=8, pos=8, seed=0) -> ContrastBatch:
-    """Random prompts whose corrupted twin differs in two token positions; random right/wrong answers."""
-    g = torch.Generator().manual_seed(seed)
-    clean = torch.randint(1, VOCAB, (rows, pos), generator=g)
-    corrupted = clean.clone()
-    for p in (2, 5):
-        corrupted[:, p] = torch.randint(1, VOCAB, (rows,), generator=g)
-    return ContrastBatch(clean, corrupted, torch.randint(1, VOCAB, (rows, 2), generator=g))
 
 
 def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -46,7 +30,7 @@ def test_attribution_ranks_edges_like_exact_patching(method):
     """Spearman rank correlation of signed scores with exact single-edge patching, every edge of a
     2-layer GPT-2 (110 edges). Measured: EAP 0.986, EAP-IG(5) 0.985."""
     model = BUILDERS["gpt2"]()
-    data = [_contrast()]
+    data = [contrast()]
     scores = attribute(model, data, metric=logit_difference, method=method)
     exact = attribute(model, data, metric=logit_difference, method="exact")  # one patched run per edge
     real = exact.real
@@ -59,7 +43,7 @@ def test_eap_is_the_derivative_of_edge_patching(arch):
     """For each of the top edges, the EAP score equals d/d eps of the metric when eps * delta is patched
     into that edge alone (central difference, float64). This checks every gradient path, GQA included."""
     model = BUILDERS[arch]().double()
-    batch = _contrast(rows=4)
+    batch = contrast(rows=4)
     graph = attribute(model, [batch], metric=logit_difference, method="eap")
     eps = 3e-2  # Llama's RMSNorm computes in float32: a small eps would drown in its rounding
     with torch.no_grad(), wired(model, graph) as wiring:
@@ -80,7 +64,7 @@ def test_eap_is_the_derivative_of_edge_patching(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_full_circuit_is_clean_and_empty_circuit_is_corrupted(arch):
     model = BUILDERS[arch]()
-    batch = _contrast()
+    batch = contrast()
     graph = Graph.from_model(model)
     empty = graph.with_circuit(torch.zeros_like(graph.real))
     result = evaluate(model, [batch], metric=logit_difference, circuits=[graph, empty])
@@ -98,7 +82,7 @@ def test_full_circuit_is_clean_and_empty_circuit_is_corrupted(arch):
 
 def test_gated_model_uses_deterministic_gates_and_restores_training_mode():
     model = attach_gates(BUILDERS["gpt2"](), GateConfig(bias=0.0)).train()  # training mode samples gates
-    batch = _contrast()
+    batch = contrast()
     first = attribute(model, [batch], metric=logit_difference, method="eap")
     second = attribute(model, [batch], metric=logit_difference, method="eap")
     assert torch.equal(first.scores, second.scores)  # no sampling noise
@@ -113,7 +97,7 @@ def test_gated_model_uses_deterministic_gates_and_restores_training_mode():
 
 def test_chunking_and_ig_steps_do_not_change_the_maths():
     model = BUILDERS["llama"]()
-    batches = [_contrast(rows=6, seed=0), _contrast(rows=3, seed=1)]
+    batches = [contrast(rows=6, seed=0), contrast(rows=3, seed=1)]
     whole = attribute(model, batches, metric=logit_difference, method="eap")
     tiny = attribute(model, batches, metric=logit_difference, method="eap", max_delta_mb=1e-6)  # one row per chunk
     assert torch.allclose(whole.scores, tiny.scores, atol=1e-6)
@@ -124,7 +108,7 @@ def test_chunking_and_ig_steps_do_not_change_the_maths():
 
 def test_sweep_finds_a_faithful_circuit():
     model = BUILDERS["gpt2"]()
-    data = [_contrast()]
+    data = [contrast()]
     graph = attribute(model, data, metric=logit_difference, method="eap-ig-inputs")
     curve = sweep(model, data, metric=logit_difference, graph=graph, sizes=[0, 5, 20, 60, graph.n_real_edges])
     assert curve.points[0].edges == 0 and curve.points[0].faithfulness == pytest.approx(0.0, abs=1e-3)
@@ -155,7 +139,7 @@ def test_unpatched_gradient_run_gives_every_copy_its_own_gradient(arch):
     """A watched run that patches nothing norms the residual once (wiring's one-stream path); the gradient at
     every slot and at the input must equal that of the per-copy path, taken when the tap hands back a copy."""
     model = BUILDERS[arch]().double()
-    batch = _contrast(rows=3)
+    batch = contrast(rows=3)
 
     def gradients(copy: bool):
         grads = {}
@@ -212,7 +196,7 @@ def test_straight_through_gates_keep_the_forward_and_pass_the_sigmoid_gradient()
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(hard_q, mine[0])  # the hard gates alone pass a different gradient
 
-    batch = _contrast(rows=3)  # whole model: the attribution run's logits are the model's own
+    batch = contrast(rows=3)  # whole model: the attribution run's logits are the model's own
     graph = Graph.from_model(model)
     delta = torch.zeros(graph.n_forward, 3, 8, 32, dtype=torch.float64)
     scores_buf = torch.zeros(graph.n_forward, graph.n_backward)
@@ -223,7 +207,7 @@ def test_straight_through_gates_keep_the_forward_and_pass_the_sigmoid_gradient()
 
 
 def test_gate_gradient_changes_only_gated_models():
-    batch = [_contrast(rows=4)]
+    batch = [contrast(rows=4)]
     dense = BUILDERS["gpt2"]()
     hard, st = (attribute(dense, batch, metric=logit_difference, method="eap", gate_gradient=gg)
                 for gg in ("hard", "straight-through"))

@@ -4,6 +4,7 @@ derivative of patching, token patching agrees with component patching, circuits 
 round-trips, and ``find_circuit(level="token")`` works end to end (and refuses tasks without one layout)."""
 
 import json
+from functools import partial
 
 import networkx as nx
 import pytest
@@ -20,7 +21,7 @@ from spartan_cli.config import GateConfig
 from spartan_cli.errors import ConfigError, TaskError
 from spartan_cli.scopes import keeping_gate_logits
 from spartan_cli.tasks import Task
-from tests.micro import BUILDERS, VOCAB
+from tests.micro import BUILDERS, contrast, logit_difference
 
 ARCHS = sorted(BUILDERS)
 
@@ -28,19 +29,7 @@ ARCHS = sorted(BUILDERS)
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
-def logit_difference(logits, batch):
-    """Mean over rows of logit(right) - logit(wrong) at the last position."""
-    last = logits[:, -1]  # (batch, vocab)
-    return (last.gather(1, batch.answers[:, :1]) - last.gather(1, batch.answers[:, 1:])).mean()
-
-
-def _contrast(rows=6, pos=7, seed=0) -> ContrastBatch:
-    g = torch.Generator().manual_seed(seed)
-    clean = torch.randint(1, VOCAB, (rows, pos), generator=g)
-    corrupted = clean.clone()
-    for p in (1, 4):
-        corrupted[:, p] = torch.randint(1, VOCAB, (rows,), generator=g)
-    return ContrastBatch(clean, corrupted, torch.randint(1, VOCAB, (rows, 2), generator=g))
+_contrast = partial(contrast, rows=6, pos=7, corrupt=(1, 4))
 
 
 def _model(arch, *, gated, bias=0.0, double=False):

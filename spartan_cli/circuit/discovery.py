@@ -392,7 +392,7 @@ def find_circuit(model, tokenizer, cfg: CircuitConfig, *, task=None, name: str |
 
     ``task``: a Task (default: ``get_task(cfg.task)``). ``on_progress`` takes evaluate.Progress records."""
     from spartan_cli.circuit.attribute import attribute
-    from spartan_cli.circuit.faithfulness import log_grid, sweep
+    from spartan_cli.circuit.faithfulness import sweep
     from spartan_cli.circuit.select import select
     from spartan_cli.evaluate import Progress, is_gated
     from spartan_cli.scopes import deterministic_gates
@@ -425,42 +425,15 @@ def find_circuit(model, tokenizer, cfg: CircuitConfig, *, task=None, name: str |
     n_batches = len(batches)
     with deterministic_gates(model) if gated else nullcontext():
         t = time.perf_counter()
-        stage = f"attribution ({cfg.method}) of {name}"
-        say(Progress(stage, 0, n_batches))
-        done = [0]
-
-        def on_attr(step):
-            done[0] += 1
-            say(Progress(stage, min(done[0], n_batches), n_batches))
-
+        on_attr = counting_progress(f"attribution ({cfg.method}) of {name}", n_batches, say)
         scored = attribute(model, batches, metric=task.metric, method=cfg.attribution, ig_steps=cfg.ig_steps,
                            graph=graph, max_delta_mb=cfg.max_delta_mb, on_step=on_attr, gate_gradient=cfg.gate_gradient)
         timing["attribution_s"] = time.perf_counter() - t
+        curve, refined = sweep_and_refine(
+            lambda sizes, on_step: sweep(model, batches, metric=task.metric, graph=scored, sizes=sizes,
+                                         selection=cfg.selection, max_delta_mb=cfg.max_delta_mb, on_step=on_step),
+            scored.n_real_edges, cfg, name=name, n_batches=n_batches, say=say, timing=timing)
 
-        def run_sweep(sizes, label):
-            stage = f"{label} of {name} ({len(sizes)} sizes x {n_batches} batches)"
-
-            def on_eval(step):  # step.examples counts the rows before this chunk
-                total = n_batches * step.circuits
-                say(Progress(stage, min(total, step.examples // cfg.batch_size * step.circuits + step.circuits_done),
-                             total))
-
-            return sweep(model, batches, metric=task.metric, graph=scored, sizes=sizes, selection=cfg.selection,
-                         max_delta_mb=cfg.max_delta_mb, on_step=on_eval)
-
-        t = time.perf_counter()
-        curve = run_sweep(log_grid(scored.n_real_edges), "faithfulness sweep")
-        timing["sweep_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        refined = curve
-        for round_ in range(cfg.refine_rounds):
-            sizes = refine_sizes(refined, cfg.faithfulness, points=cfg.refine_points)
-            if not sizes:
-                break
-            extra = run_sweep(sizes, f"refinement {round_ + 1}")
-            refined = Curve(tuple(sorted(refined.points + extra.points, key=lambda p: p.requested)), curve.clean,
-                            curve.corrupted, curve.total_edges, curve.selection)
-        timing["refine_s"] = time.perf_counter() - t
 
         probe = CircuitResult(name, gated, scored, curve, refined, cfg.faithfulness, (), None, timing, len(pairs))
         circuit = select(scored, probe.chosen.requested, how=cfg.selection)
@@ -478,6 +451,55 @@ def find_circuit(model, tokenizer, cfg: CircuitConfig, *, task=None, name: str |
     return CircuitResult(name=name, gated=gated, graph=circuit, curve=curve, refined=refined, level=cfg.faithfulness,
                          top_heads=top_heads(circuit, cfg.top_heads), attention=attention, timing=timing,
                          n_examples=len(pairs), minimized=minimized)
+
+
+def counting_progress(stage: str, total: int, say: Callable) -> Callable:
+    """Announce ``stage`` at 0 of ``total`` steps; returns an ``on_step`` callback that counts one per call."""
+    from spartan_cli.evaluate import Progress
+
+    say(Progress(stage, 0, total))
+    done = [0]
+
+    def on_step(_record):
+        done[0] += 1
+        say(Progress(stage, min(done[0], total), total))
+
+    return on_step
+
+
+def sweep_and_refine(sweep_at: Callable, total_edges: int, cfg: CircuitConfig, *, name: str, n_batches: int,
+                     say: Callable, timing: dict, prefix: str = "") -> tuple[Curve, Curve]:
+    """Steps 3-4 for either search: the log-grid sweep, then up to ``refine_rounds`` sweeps between the sizes
+    that bracket the level. ``sweep_at(sizes, on_step)`` evaluates one list of requested sizes -> Curve
+    (``faithfulness.sweep`` or ``token_patching.sweep_tokens`` bound to the model); ``prefix`` starts the
+    progress stages ("token "). Times go to ``timing`` (sweep_s, refine_s). Returns (grid curve, refined curve)."""
+    from spartan_cli.circuit.faithfulness import log_grid
+    from spartan_cli.evaluate import Progress
+
+    def run(sizes, label):
+        stage = f"{prefix}{label} of {name} ({len(sizes)} sizes x {n_batches} batches)"
+
+        def on_eval(step):  # step.examples counts the rows before this chunk
+            total = n_batches * step.circuits
+            say(Progress(stage, min(total, step.examples // cfg.batch_size * step.circuits + step.circuits_done),
+                         total))
+
+        return sweep_at(sizes, on_eval)
+
+    t = time.perf_counter()
+    curve = run(log_grid(total_edges), "faithfulness sweep")
+    timing["sweep_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    refined = curve
+    for round_ in range(cfg.refine_rounds):
+        sizes = refine_sizes(refined, cfg.faithfulness, points=cfg.refine_points)
+        if not sizes:
+            break
+        extra = run(sizes, f"refinement {round_ + 1}")
+        refined = Curve(tuple(sorted(refined.points + extra.points, key=lambda p: p.requested)), curve.clean,
+                        curve.corrupted, curve.total_edges, curve.selection)
+    timing["refine_s"] = time.perf_counter() - t
+    return curve, refined
 
 
 def minimize(model, batches, task, cfg: CircuitConfig, scored, circuit, point: CurvePoint, *, evaluate: Callable,
@@ -537,4 +559,5 @@ def circuit_run(cfg: CircuitConfig, *, on_progress: Callable | None = None) -> C
 
 
 __all__ = ["CircuitConfig", "CircuitResult", "CircuitRun", "AttentionEdges", "NodeScore", "METHOD_NAMES",
-           "attention_edges", "circuit_run", "find_circuit", "minimize", "node_scores", "refine_sizes", "top_heads"]
+           "attention_edges", "circuit_run", "counting_progress", "find_circuit", "minimize", "node_scores", "refine_sizes",
+           "sweep_and_refine", "top_heads"]

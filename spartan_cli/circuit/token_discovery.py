@@ -167,12 +167,11 @@ def find_token_circuit(model, tokenizer, cfg, *, task, name: str | None = None,
     """Steps 1-4 of the module docstring for one model."""
     from contextlib import nullcontext
 
-    from spartan_cli.circuit.discovery import batches_of, clean_forward_s, refine_sizes
-    from spartan_cli.circuit.faithfulness import log_grid
+    from spartan_cli.circuit.discovery import batches_of, clean_forward_s, counting_progress, sweep_and_refine
     from spartan_cli.circuit.graph import Graph
     from spartan_cli.circuit.token_patching import attribute_tokens, sweep_tokens
     from spartan_cli.circuit.tokens import select_tokens, selection_order
-    from spartan_cli.evaluate import Progress, is_gated
+    from spartan_cli.evaluate import is_gated
     from spartan_cli.scopes import deterministic_gates
 
     if cfg.attribution not in ("eap", "eap-ig-inputs"):
@@ -192,44 +191,17 @@ def find_token_circuit(model, tokenizer, cfg, *, task, name: str | None = None,
     n_batches = len(batches)
     with deterministic_gates(model) if gated else nullcontext():
         t = time.perf_counter()
-        stage = f"token attribution ({cfg.method}) of {name}"
-        say(Progress(stage, 0, n_batches))
-        done = [0]
-
-        def on_attr(step):
-            done[0] += 1
-            say(Progress(stage, min(done[0], n_batches), n_batches))
-
+        on_attr = counting_progress(f"token attribution ({cfg.method}) of {name}", n_batches, say)
         scored = attribute_tokens(model, batches, metric=task.metric,
                                   ig_steps=cfg.ig_steps if cfg.attribution == "eap-ig-inputs" else 1,
                                   graph=Graph.from_model(model), max_delta_mb=cfg.max_delta_mb, meta=meta,
                                   on_step=on_attr, gate_gradient=cfg.gate_gradient)
         timing["attribution_s"] = time.perf_counter() - t
-
-        def run_sweep(sizes, label):
-            stage = f"token {label} of {name} ({len(sizes)} sizes x {n_batches} batches)"
-
-            def on_eval(step):
-                total = n_batches * step.circuits
-                say(Progress(stage, min(total, step.examples // cfg.batch_size * step.circuits + step.circuits_done),
-                             total))
-
-            return sweep_tokens(model, batches, metric=task.metric, graph=scored, sizes=sizes,
-                                selection=cfg.selection, max_delta_mb=cfg.max_delta_mb, on_step=on_eval)
-
-        t = time.perf_counter()
-        curve = run_sweep(log_grid(scored.n_real_edges), "faithfulness sweep")
-        timing["sweep_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        refined = curve
-        for round_ in range(cfg.refine_rounds):
-            sizes = refine_sizes(refined, cfg.faithfulness, points=cfg.refine_points)
-            if not sizes:
-                break
-            extra = run_sweep(sizes, f"refinement {round_ + 1}")
-            refined = Curve(tuple(sorted(refined.points + extra.points, key=lambda p: p.requested)), curve.clean,
-                            curve.corrupted, curve.total_edges, curve.selection)
-        timing["refine_s"] = time.perf_counter() - t
+        curve, refined = sweep_and_refine(
+            lambda sizes, on_step: sweep_tokens(model, batches, metric=task.metric, graph=scored, sizes=sizes,
+                                                selection=cfg.selection, max_delta_mb=cfg.max_delta_mb,
+                                                on_step=on_step),
+            scored.n_real_edges, cfg, name=name, n_batches=n_batches, say=say, timing=timing, prefix="token ")
         probe = TokenCircuitResult(name, gated, scored, curve, refined, cfg.faithfulness, timing, len(pairs))
         circuit = select_tokens(scored, probe.chosen.requested, order=selection_order(scored, cfg.selection))
         assert circuit.n_edges == probe.chosen.edges, (circuit.n_edges, probe.chosen)

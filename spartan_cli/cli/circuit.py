@@ -131,7 +131,7 @@ def _print_tables(run) -> None:
         _fmt(run.edge_ratio, ".1f") + "x" if run.edge_ratio else "-")
     row(f"nodes for F >= {level:g}{how}", [_needed(s, "nodes") for s in summaries],
         _fmt(run.node_ratio, ".1f") + "x" if run.node_ratio else "-")
-    _sweep_row(row, summaries, results)
+    _sweep_row(row, summaries)
     row("F of that circuit", [_fmt(s["circuit"]["faithfulness"], ".3f") for s in summaries])
     row("best F (edges)", [f"{s['best']['faithfulness']:.3f} ({s['best']['edges']:,})" for s in summaries])
     row(f"clean / corrupt {run.task.get('metric', 'metric')}",
@@ -174,7 +174,7 @@ def _needed(summary: dict, what: str) -> str:
     return f"not reached (best F {best['faithfulness']:.3f} at {best[what]:,})"
 
 
-def _sweep_row(row, summaries, results) -> None:
+def _sweep_row(row, summaries) -> None:
     """With --minimize: the sweep's circuit for the level, before elimination (edges, F)."""
     if not any(s["minimized"] for s in summaries):
         return
@@ -229,7 +229,7 @@ def _print_token_tables(run) -> None:
         base_point and base_point.edges, model_point and model_point.edges)
     row(f"token nodes for F >= {level:g}{how}", [_needed(s, "nodes") for s in summaries],
         base_point and base_point.nodes, model_point and model_point.nodes)
-    _sweep_row(lambda label, values: row(label, values), summaries, results)
+    _sweep_row(row, summaries)
     row("F of that circuit", [_fmt(s["circuit"]["faithfulness"], ".3f") for s in summaries])
     row("best F (edges)", [f"{s['best']['faithfulness']:.3f} ({s['best']['edges']:,})" for s in summaries])
     row(f"clean / corrupt {run.task.get('metric', 'metric')}",
