@@ -161,19 +161,11 @@ class CircuitResult(SweepChoice):
 
     def summary(self) -> dict:
         """Everything but the per-edge scores (what report.json and ``--json`` carry)."""
-        point, best = self.needed, self.best
         return {
             "name": self.name, "gated": self.gated, "gates": GATES_NOTE if self.gated else None,
             "method": self.graph.meta.get("method"), "ig_steps": self.graph.meta.get("ig_steps"),
-            "selection": self.curve.selection, "n_examples": self.n_examples,
-            "level": self.level, "reached": point is not None,
-            "edges_needed": None if point is None else point.edges,
-            "nodes_needed": None if point is None else point.nodes,
-            "faithfulness_at": None if point is None else point.faithfulness,
-            "circuit": _point(self.minimized or self.chosen), "best": _point(best), **minimized_summary(self),
-            "total_edges": self.curve.total_edges, "total_nodes": len(self.graph.source_names) + 1,
-            "baselines": {"clean": self.curve.clean, "corrupted": self.curve.corrupted},
-            "cpr": self.curve.cpr(), "cmd": self.curve.cmd(), "cpr_log": self.curve.cpr(log_x=True),
+            "selection": self.curve.selection, "n_examples": self.n_examples, **sweep_summary(self),
+            "total_nodes": len(self.graph.source_names) + 1,
             "top_heads": [h.to_dict() for h in self.top_heads],
             "attention_edges": None if self.attention is None else self.attention.to_dict(),
             "timing": dict(self.timing),
@@ -209,11 +201,18 @@ def _point(p: CurvePoint) -> dict:
             "faithfulness": p.faithfulness}
 
 
-def minimized_summary(result: SweepChoice) -> dict:
-    """Summary keys of the minimizing step: whether it ran and the sweep's own circuit for the level."""
-    point = result.point
-    return {"minimized": result.minimized is not None,
-            "sweep_circuit": None if point is None else _point(point)}
+def sweep_summary(result: SweepChoice) -> dict:
+    """The summary keys both searches read off their sweep: the level, the circuit needed for it (minimized
+    or the sweep's), the best point, the sweep's own circuit, total edges, baselines, CPR/CMD."""
+    needed, point, curve = result.needed, result.point, result.curve
+    return {"level": result.level, "reached": needed is not None,
+            "edges_needed": None if needed is None else needed.edges,
+            "nodes_needed": None if needed is None else needed.nodes,
+            "faithfulness_at": None if needed is None else needed.faithfulness,
+            "circuit": _point(result.minimized or result.chosen), "best": _point(result.best),
+            "minimized": result.minimized is not None, "sweep_circuit": None if point is None else _point(point),
+            "total_edges": curve.total_edges, "baselines": {"clean": curve.clean, "corrupted": curve.corrupted},
+            "cpr": curve.cpr(), "cmd": curve.cmd(), "cpr_log": curve.cpr(log_x=True)}
 
 
 def minimized_point(summary: dict) -> CurvePoint | None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable
 
 from spartan_cli.circuit.faithfulness import Curve, CurvePoint, SweepChoice
@@ -81,23 +81,14 @@ class TokenCircuitResult(SweepChoice):
         }
 
     def summary(self) -> dict:
-        from spartan_cli.circuit.discovery import minimized_summary
+        from spartan_cli.circuit.discovery import sweep_summary
 
-        point, best = self.needed, self.best
         return {
             "name": self.name, "gated": self.gated, "level_kind": "token", "note": TOKEN_NOTE,
             "gates": self.graph.meta.get("gate_policy"),
             "method": self.graph.meta.get("method"), "ig_steps": self.graph.meta.get("ig_steps"),
-            "selection": self.curve.selection, "n_examples": self.n_examples,
-            "level": self.level, "reached": point is not None,
-            "edges_needed": None if point is None else point.edges,
-            "nodes_needed": None if point is None else point.nodes,
-            "faithfulness_at": None if point is None else point.faithfulness,
-            "circuit": asdict(self.minimized or self.chosen), "best": asdict(best), **minimized_summary(self),
-            "total_edges": self.curve.total_edges,
+            "selection": self.curve.selection, "n_examples": self.n_examples, **sweep_summary(self),
             "total_nodes": self.graph.n_nodes_total - self.graph.n_pos + len(self.graph.metric_positions),
-            "baselines": {"clean": self.curve.clean, "corrupted": self.curve.corrupted},
-            "cpr": self.curve.cpr(), "cmd": self.curve.cmd(), "cpr_log": self.curve.cpr(log_x=True),
             "anatomy": self.anatomy(),
             "timing": dict(self.timing),
             "curve": curve_rows(self),

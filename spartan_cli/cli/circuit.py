@@ -131,12 +131,7 @@ def _print_tables(run) -> None:
         _fmt(run.edge_ratio, ".1f") + "x" if run.edge_ratio else "-")
     row(f"nodes for F >= {level:g}{how}", [_needed(s, "nodes") for s in summaries],
         _fmt(run.node_ratio, ".1f") + "x" if run.node_ratio else "-")
-    _sweep_row(row, summaries)
-    row("F of that circuit", [_fmt(s["circuit"]["faithfulness"], ".3f") for s in summaries])
-    row("best F (edges)", [f"{s['best']['faithfulness']:.3f} ({s['best']['edges']:,})" for s in summaries])
-    row(f"clean / corrupt {run.task.get('metric', 'metric')}",
-        [f"{s['baselines']['clean']:.3g} / {s['baselines']['corrupted']:.3g}" for s in summaries])
-    row("CPR / CMD", [f"{s['cpr']:.3f} / {s['cmd']:.3f}" for s in summaries])
+    _sweep_rows(row, summaries, run.task.get("metric", "metric"))
     att = [r.attention for r in results]
     row("attn pairs/prompt, circuit", [_fmt(a and a.circuit, ",.1f") for a in att],
         _ratio_text(att[1].circuit, att[0].circuit) if run.base is not None else None)
@@ -174,12 +169,17 @@ def _needed(summary: dict, what: str) -> str:
     return f"not reached (best F {best['faithfulness']:.3f} at {best[what]:,})"
 
 
-def _sweep_row(row, summaries) -> None:
-    """With --minimize: the sweep's circuit for the level, before elimination (edges, F)."""
-    if not any(s["minimized"] for s in summaries):
-        return
-    cells = [f"{c['edges']:,} (F {c['faithfulness']:.3f})" if (c := s["sweep_circuit"]) else "-" for s in summaries]
-    row("  the sweep's circuit (F)", cells)
+def _sweep_rows(row, summaries, metric: str) -> None:
+    """The rows both tables read off the sweep: with --minimize the sweep's own circuit (edges, F), then the
+    F of the reported circuit, the best F, the clean/corrupted metric and CPR/CMD."""
+    if any(s["minimized"] for s in summaries):
+        row("  the sweep's circuit (F)", [f"{c['edges']:,} (F {c['faithfulness']:.3f})" if (c := s["sweep_circuit"])
+                                          else "-" for s in summaries])
+    row("F of that circuit", [_fmt(s["circuit"]["faithfulness"], ".3f") for s in summaries])
+    row("best F (edges)", [f"{s['best']['faithfulness']:.3f} ({s['best']['edges']:,})" for s in summaries])
+    row(f"clean / corrupt {metric}", [f"{s['baselines']['clean']:.3g} / {s['baselines']['corrupted']:.3g}"
+                                      for s in summaries])
+    row("CPR / CMD", [f"{s['cpr']:.3f} / {s['cmd']:.3f}" for s in summaries])
 
 
 def _time_row(row, summaries) -> None:
@@ -229,12 +229,7 @@ def _print_token_tables(run) -> None:
         base_point and base_point.edges, model_point and model_point.edges)
     row(f"token nodes for F >= {level:g}{how}", [_needed(s, "nodes") for s in summaries],
         base_point and base_point.nodes, model_point and model_point.nodes)
-    _sweep_row(row, summaries)
-    row("F of that circuit", [_fmt(s["circuit"]["faithfulness"], ".3f") for s in summaries])
-    row("best F (edges)", [f"{s['best']['faithfulness']:.3f} ({s['best']['edges']:,})" for s in summaries])
-    row(f"clean / corrupt {run.task.get('metric', 'metric')}",
-        [f"{s['baselines']['clean']:.3g} / {s['baselines']['corrupted']:.3g}" for s in summaries])
-    row("CPR / CMD", [f"{s['cpr']:.3f} / {s['cmd']:.3f}" for s in summaries])
+    _sweep_rows(row, summaries, run.task.get("metric", "metric"))
 
     def both(read):  # (dense, sparse) values for the ratio column, or (None, None) without a base model
         return (read(anatomy[1]), read(anatomy[0])) if run.base is not None else (None, None)
