@@ -4,7 +4,7 @@ transformers routes GPT-2, GPT-NeoX, Llama, Qwen2, OLMo... attention through ``A
 ``attach_gates`` registers ``gated_attention_forward`` under the name ``"spartan"`` and points the
 model's config at it, so every attention module of the model calls it with its own q, k, v.
 
-The forward, per layer (METHOD.md):
+The forward, per layer (docs/method.md):
 1. s = q k^T * scaling in fp32, with the model's causal/padding mask (keys a query may not see).
 2. P = softmax(s) over the allowed keys only: the mask never enters the softmax, so P equals the
    dense model's attention pattern.

@@ -1,6 +1,6 @@
 """The gated attention with a hand-written backward: the default path for the paper's gate kind.
 
-Same maths as the autograd composition in ``attention.reference_attention`` (METHOD.md, "Gated attention"),
+Same maths as the autograd composition in ``attention.reference_attention`` (docs/method.md, "Gated attention"),
 in fewer passes over the (batch, n_heads, q, k) tensors and with less kept for the backward:
 1. s = q k^T * scaling + c in one pass (fp32), with c = 0 where a query may read a key and finfo.min where
    not: no boolean tensor the size of s is ever built (boolean ops are slow on CPUs), and every gate of a

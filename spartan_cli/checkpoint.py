@@ -33,6 +33,7 @@ STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
 RUN_CONFIG = "run_config.yaml"
 TRAIN_LOG = "train_log.jsonl"
+TRAJECTORY = "trajectory.png"  # density, CE vs target and beta over steps, drawn from TRAIN_LOG
 
 
 @contextmanager

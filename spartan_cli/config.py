@@ -60,7 +60,7 @@ def _positive(name: str, value, *, allow_zero: bool = False) -> None:
 
 @dataclass(frozen=True)
 class GateConfig:
-    """How attention gates are computed (METHOD.md, 'Gated attention')."""
+    """How attention gates are computed (docs/method.md, 'Gated attention')."""
 
     kind: str = "paper"  # registered gate kind (gates.GATE_KINDS)
     bias: float = 2.0  # b in g_ij = q_i.k_j / sqrt(d_head) + b; fixed, not learned
@@ -79,9 +79,13 @@ class GateConfig:
         return strict_from_dict(cls, d, where="gate")
 
 
+REFERENCES = ("heldout", "batch")  # GecoConfig.reference
+CONSTRAINED_GATES = ("sampled", "deterministic")  # GecoConfig.gates
+
+
 @dataclass(frozen=True)
 class GecoConfig:
-    """The GECO multiplier on the sparsity term: loss = CE + beta * R (METHOD.md)."""
+    """The GECO multiplier on the sparsity term: loss = CE + beta * R (docs/method.md)."""
 
     beta_init: float = 1e-3  # beta at step 0 (sparsity pressure starts near zero)
     beta_min: float = 1e-6  # floor: beta pinned here while CE > target means the target looks infeasible
@@ -90,8 +94,16 @@ class GecoConfig:
     max_log_step: float = 0.05  # clamp on |delta log beta| per step, so sparsity never moves abruptly
     smoothing: float = 0.99  # m in c_ma = m * c_ma + (1 - m) * (CE - tau)
     warmup_steps: int = 50  # beta is held at beta_init this long while the model adapts to sampled gates
-    scale: float | None = None  # divides CE - tau; None: max(tau, 0.05) nats
+    scale: float | None = None  # divides CE - tau; None: 0.05 nats (geco.DEFAULT_SCALE)
     settle_fraction: float = 0.1  # last share of steps in which beta may only fall, so the run ends feasible
+    # what the step's CE is held against: "heldout" = tau (base CE on the held-out blocks + tolerance);
+    # "batch" = the dense base model's CE on the same training rows + tolerance (a frozen copy of the base
+    # runs beside the student; removes batch-to-batch noise and any train/held-out gap of the base)
+    reference: str = "heldout"
+    # which gates the constrained CE is measured with: "sampled" = the training forward's own CE; or
+    # "deterministic" = one more no-grad forward of the step's rows with 1[g > 0], the gates every
+    # measurement and the shipped model use (sampling noise alone can cost more than the tolerance)
+    gates: str = "sampled"
 
     def __post_init__(self):
         check_types(self, "geco")
@@ -111,6 +123,10 @@ class GecoConfig:
             _positive("geco.scale", self.scale)
         if not 0.0 <= self.settle_fraction < 1.0:
             raise ConfigError(f"geco.settle_fraction must be in [0, 1), got {self.settle_fraction!r}")
+        if self.gates not in CONSTRAINED_GATES:
+            raise ConfigError(f"geco.gates must be one of {', '.join(CONSTRAINED_GATES)}, got {self.gates!r}")
+        if self.reference not in REFERENCES:
+            raise ConfigError(f"geco.reference must be one of {', '.join(REFERENCES)}, got {self.reference!r}")
 
     to_dict = dataclasses.asdict
 

@@ -1,4 +1,4 @@
-"""How sparse a gated model's attention is, and what each query reads (METHOD.md, "Density, as reported").
+"""How sparse a gated model's attention is, and what each query reads (docs/method.md, "Density").
 
 ``density(model, blocks)``:
 1. Run every held-out block through the model in eval mode, no grad, gates deterministic: M = 1[g > 0].

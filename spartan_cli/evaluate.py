@@ -227,10 +227,10 @@ def _vocab(tokenizer) -> dict | None:
 
 # --------------------------------------------------------------------------------------------- data
 def _builtin_heldout(name: str):
-    if name == "addition":
-        from spartan_cli.builtin import addition
+    from spartan_cli import builtin
 
-        return addition.splits().heldout  # (1000, 11): the problems the dense model never saw
+    if name in builtin.NAMES:
+        return builtin.module(name).heldout_blocks()  # what the dense model never saw
     raise DataError(f"built-in model {name!r} has no held-out data; pass --data FILE")
 
 

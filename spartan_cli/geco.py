@@ -1,14 +1,16 @@
 """The GECO multiplier: a pure update rule on scalars.
 
-Objective (METHOD.md): minimise expected attention edges subject to CE <= tau. Practical form from the
+Objective (docs/method.md): minimise expected attention edges subject to CE <= tau. Practical form from the
 predecessor paper (SPARTAN, arXiv 2411.06890; GECO, Rezende & Viola 2018):
 1. loss = CE + beta * R, R the mean gate-open probability (beta = 1 / lambda, the inverse multiplier).
 2. c_ma <- m * c_ma + (1 - m) * (CE - tau)                    (smoothed constraint, nats)
 3. log beta <- log beta - alpha * c_ma / scale, the step clamped to +-max_log_step and log beta to
-   [log beta_min, log beta_max]; scale = max(tau, 0.05) nats unless set. beta grows while the
-   constraint holds and falls when it is violated. Plain log-space ascent, never through Adam.
+   [log beta_min, log beta_max]; scale = 0.05 nats unless set. beta grows while the constraint
+   holds and falls when it is violated. Plain log-space ascent, never through Adam. The scale is
+   absolute, not relative to tau: a language model's tau is several nats, and dividing by it made
+   beta crawl (a 0.01-nat slack moved log beta by 0.001 a step, so density barely fell in a run).
 4. During warm-up beta stays at beta_init (sampled gates first raise CE above tau; letting beta collapse
-   then is the trap METHOD.md describes), while c_ma is tracked so it is warm when updates start.
+   then is the trap docs/method.md describes), while c_ma is tracked so it is warm when updates start.
 5. In the settle phase (the last ``settle_fraction`` of the run) beta may only fall: the pressure stops
    growing so the run ends on the feasible side of the constraint instead of mid-oscillation.
 6. beta pinned at beta_min while c_ma > 0 means the target looks infeasible: reported, not diverged.
@@ -20,6 +22,8 @@ import math
 from dataclasses import dataclass, replace
 
 from spartan_cli.config import GecoConfig
+
+DEFAULT_SCALE = 0.05  # nats: one unit of constraint, whatever the size of the loss
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,7 @@ def geco_update(state: GecoState, ce: float, tau: float, cfg: GecoConfig, *, set
     steps = state.steps + 1
     if steps <= cfg.warmup_steps:
         return replace(state, c_ma=c_ma, steps=steps)
-    scale = cfg.scale if cfg.scale is not None else max(tau, 0.05)
+    scale = cfg.scale if cfg.scale is not None else DEFAULT_SCALE
     step = -cfg.rate * c_ma / scale
     step = max(-cfg.max_log_step, min(0.0 if settling else cfg.max_log_step, step))
     log_beta = min(math.log(cfg.beta_max), max(math.log(cfg.beta_min), math.log(state.beta) + step))

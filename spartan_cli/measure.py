@@ -1,6 +1,6 @@
 """Held-out measurement of a (gated) model: token-weighted CE and deterministic gate density.
 
-Density (METHOD.md): open deterministic gates 1[g > 0] / allowed (causal, unpadded) pairs, summed over
+Density (docs/method.md): open deterministic gates 1[g > 0] / allowed (causal, unpadded) pairs, summed over
 every held-out sequence, overall and per layer and head. Batched, no grad, eval mode.
 """
 

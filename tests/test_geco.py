@@ -73,3 +73,65 @@ def test_settle_phase_lets_beta_fall_but_not_rise():
     state = GecoState(beta=1.0)
     assert geco_update(state, 0.0, 1.0, cfg, settling=True).beta == 1.0  # constraint holds: no rise
     assert geco_update(state, 2.0, 1.0, cfg, settling=True).beta < 1.0  # violated: falls as usual
+
+
+def test_the_step_depends_on_the_slack_in_nats_not_on_the_size_of_the_loss():
+    cfg = GecoConfig(warmup_steps=0, rate=0.5, max_log_step=1.0, smoothing=0.0)
+    _, small = _run([0.0] * 5, tau=0.01, cfg=cfg)  # addition-sized loss, 0.01 nats of slack
+    _, large = _run([4.79] * 5, tau=4.8, cfg=cfg)  # language-model-sized loss, the same slack
+    assert small == pytest.approx(large, rel=1e-6)
+    assert large[-1] / large[0] == pytest.approx(math.exp(4 * 0.5 * 0.01 / 0.05), rel=1e-6)  # 0.1 a step
+
+
+def test_batch_reference_holds_the_step_against_the_dense_model_on_the_same_rows():
+    """geco.reference "batch": the recorded reference CE is the dense model's CE on the step's rows, and
+    the multiplier moves on (CE - reference CE) against the tolerance."""
+    import copy
+
+    import torch
+
+    from spartan_cli.attention import attach_gates
+    from spartan_cli.blocks import Splits, TokenBlocks
+    from spartan_cli.config import GateConfig, TrainConfig
+    from spartan_cli.errors import SpartanError
+    from spartan_cli.train import SparsifyConfig, _micro_batch, sparsify
+    from tests.micro import BUILDERS, VOCAB
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, VOCAB, (24, 16), generator=g)
+    data = Splits(TokenBlocks(x[:16], x[:16].clone()), TokenBlocks(x[16:], x[16:].clone()))
+    dense = BUILDERS["gpt2"]().eval()
+    reference = copy.deepcopy(dense).requires_grad_(False)
+    model = attach_gates(dense, GateConfig(bias=1.0))
+    geco = GecoConfig(reference="batch", warmup_steps=0, smoothing=0.0, rate=0.5, max_log_step=1.0)
+    cfg = SparsifyConfig(geco=geco, train=TrainConfig(steps=2, batch_size=4, lr=1e-3, log_every=1, eval_every=0,
+                                                      tolerance=0.02))
+    rows = _micro_batch(16, 4, 0, 0)
+    with torch.no_grad():
+        want = float(reference(input_ids=x[rows], labels=x[rows]).loss)
+    records = []
+    sparsify(model, data, cfg, on_step=records.append, reference=reference)
+    first = records[0]
+    assert first.ref_ce == pytest.approx(want, rel=1e-5)
+    step = max(-1.0, min(1.0, -0.5 * ((first.ce - first.ref_ce) - 0.02) / 0.05))
+    assert first.beta == pytest.approx(geco.beta_init * math.exp(step), rel=1e-6)
+    with pytest.raises(SpartanError, match="reference"):
+        sparsify(model, data, cfg)
+    # geco.gates "deterministic": the constraint reads a no-grad forward of the same rows with 1[g > 0]
+    from spartan_cli.scopes import deterministic_gates
+
+    fresh = attach_gates(copy.deepcopy(reference).requires_grad_(True), GateConfig(bias=1.0))
+    with torch.no_grad(), deterministic_gates(fresh):
+        want_det = float(fresh(input_ids=x[rows], labels=x[rows]).loss)
+    det_cfg = SparsifyConfig(geco=GecoConfig(reference="batch", gates="deterministic", warmup_steps=0,
+                                             smoothing=0.0, rate=0.5, max_log_step=1.0), train=cfg.train)
+    records = []
+    sparsify(fresh, data, det_cfg, on_step=records.append, reference=reference)
+    first = records[0]
+    assert first.det_ce == pytest.approx(want_det, rel=1e-5) and first.det_ce != pytest.approx(first.ce, rel=1e-6)
+    step = max(-1.0, min(1.0, -0.5 * ((first.det_ce - first.ref_ce) - 0.02) / 0.05))
+    assert first.beta == pytest.approx(geco.beta_init * math.exp(step), rel=1e-6)
+    with pytest.raises(ConfigError, match="geco.reference"):
+        GecoConfig(reference="dense")
+    with pytest.raises(ConfigError, match="geco.gates"):
+        GecoConfig(gates="open")

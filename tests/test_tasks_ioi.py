@@ -7,7 +7,7 @@ from spartan_cli.errors import TaskError
 from spartan_cli.tasks import TaskData, encode, final_logits, get_task, single_token
 from spartan_cli.tasks.ioi import CORRUPTIONS, NAMES, OBJECTS, PLACES, IOITask, templates
 
-# OFFLINE.md's check: the exact GPT-2 tokenizer on the IOI prompt
+# The documented check: the exact GPT-2 tokenizer on the IOI prompt
 CHECK_PROMPT = "When Mary and John went to the store, John gave a drink to"
 CHECK_IDS = [2215, 5335, 290, 1757, 1816, 284, 262, 3650, 11, 1757, 2921, 257, 4144, 284]
 CHANGED = {"s2": 1, "aba": 1, "abc": 3}  # positions where clean and corrupted differ

@@ -127,6 +127,18 @@ def splits(seed: int = 0, *, n_train: int | None = None, heldout: int = 1000) ->
     return Splits(train=blocks(train), heldout=blocks(held_pairs))
 
 
+def heldout_blocks() -> TokenBlocks:
+    """The 1,000 held-out problems (answer digits scored): what ``evaluate`` measures CE on."""
+    return splits().heldout
+
+
+def task_metrics(model) -> dict:
+    """Exact match on all 10,000 problems and on the held-out ones (what ``sparsify`` reports)."""
+    _, heldout_pairs = split_pairs()
+    return {"accuracy": exact_match(model), "accuracy_heldout_pairs": exact_match(model, heldout_pairs),
+            "accuracy_problems": len(ALL_PAIRS)}
+
+
 # ----------------------------------------------------------------------------------------- metric
 def exact_match(model, pairs=None, *, batch_size: int = 1000) -> float:
     """Fraction of problems whose five answer digits are all predicted correctly (argmax).

@@ -172,8 +172,10 @@ Settings: {settings}.
 """
 
 
-def save(model, tokenizer, text: str, out: Path) -> None:
-    """Write the model directory atomically: build it in a temp dir beside ``out``, then swap it in."""
+def save(model, tokenizer, text: str, out: Path, *, extra=None) -> None:
+    """Write the model directory atomically: build it in a temp dir beside ``out``, then swap it in.
+
+    ``extra(tmp_dir)``, when given, writes further files into the directory before the swap."""
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -181,6 +183,8 @@ def save(model, tokenizer, text: str, out: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(text)
+        if extra is not None:
+            extra(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the shipped directory should be world-readable
         for f in tmp.iterdir():
             os.chmod(f, 0o644)

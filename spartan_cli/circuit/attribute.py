@@ -1,5 +1,5 @@
 """Edge attribution: EAP (Syed, Rager & Conmy 2023, arXiv 2310.10348) and EAP-IG (Hanna, Pezzelle & Belinkov
-2024, arXiv 2403.17806), on the wired model (CIRCUITS.md §3.2-3.3).
+2024, arXiv 2403.17806), on the wired model (docs/circuits.md, "Scores").
 
 For an edge u -> v the score estimates M(edge patched to corrupted) - M(clean):
     s(u->v) = mean over examples of sum over positions of (a_u^corr - a_u^clean) . dM/dx_v

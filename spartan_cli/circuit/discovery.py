@@ -6,8 +6,8 @@
 2. Score every edge of the component graph with EAP or EAP-IG (``attribute``). A gated model runs with
    deterministic gates, 1[g > 0], in attribution and in patching; under patching the gates are recomputed
    from the patched q/k (a corrupted key may open or shut a gate), and no gradient crosses the threshold.
-3. Sweep circuit sizes over auto-circuit's log grid (1-9, 10-90, 100-900, ..., all edges; CIRCUITS.md
-   §4.4), selecting (greedy or top-n, then pruned) and evaluating each by edge patching -> normalized
+3. Sweep circuit sizes over auto-circuit's log grid (1-9, 10-90, 100-900, ..., all edges; docs/circuits.md,
+   "Choosing and checking a circuit"), selecting (greedy or top-n, then pruned) and evaluating each by edge patching -> normalized
    faithfulness F against post-prune edges. CPR/CMD are areas over this grid, so any two models of one
    architecture are compared on the same fractions.
 4. Refine: the running maximum of F first reaches ``faithfulness`` between two grid sizes; sweep

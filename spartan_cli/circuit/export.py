@@ -1,4 +1,4 @@
-"""Circuit files: JSON (CIRCUITS.md §5.3, EAP-IG names), GraphML, DOT, the faithfulness curve (CSV, PNG)
+"""Circuit files: JSON (docs/circuits.md, "Files", EAP-IG names), GraphML, DOT, the faithfulness curve (CSV, PNG)
 and a picture of the circuit. Every file is written to a temp file, then moved in place (os.replace).
 
 ``circuit.json`` (``write_circuit`` / ``read_circuit``)::

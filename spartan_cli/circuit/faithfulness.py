@@ -1,6 +1,6 @@
 """Edge-patching evaluation of circuits, normalized faithfulness, and the faithfulness-vs-edges curve.
 
-Evaluating a circuit C (CIRCUITS.md §3.5, EAP-IG ``evaluate_graph``), per chunk of rows:
+Evaluating a circuit C (docs/circuits.md, "Choosing and checking a circuit", EAP-IG ``evaluate_graph``), per chunk of rows:
 1. Corrupted forward: delta[u] = a_u^corr for every source u. Its metric, scored with the clean
    batch's answers, is m(empty).
 2. Clean forward without intervention: m(full).
@@ -11,7 +11,7 @@ Evaluating a circuit C (CIRCUITS.md §3.5, EAP-IG ``evaluate_graph``), per chunk
 4. Metrics are averaged over examples; then F(C) = (m(C) - m(empty)) / (m(full) - m(empty)).
 The corrupted activations of a chunk are computed once and shared by every circuit of a sweep.
 
-Curves (CIRCUITS.md §4): circuits of increasing requested size (greedy or top-n, then pruned); the
+Curves (docs/circuits.md): circuits of increasing requested size (greedy or top-n, then pruned); the
 edges needed for a faithfulness level are read off the running maximum of F (curves are not monotone);
 CPR and CMD are trapezoid areas of F and |1 - F| over the requested edge fraction, as in MIB.
 

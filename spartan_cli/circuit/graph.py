@@ -1,4 +1,4 @@
-"""The component graph of a decoder-only transformer (CIRCUITS.md §3.1), as dense tensors with small views.
+"""The component graph of a decoder-only transformer (docs/circuits.md, "The component graph"), as dense tensors with small views.
 
 Sources ("forward" index; the order of the activation-difference buffer):
   ``input`` = 0, then per layer l: ``a{l}.h{h}`` = 1 + l(H+1) + h, then ``m{l}`` = 1 + l(H+1) + H.
@@ -31,7 +31,7 @@ QKV = ("q", "k", "v")
 
 
 def edge_count(n_layers: int, n_heads: int, *, parallel_attn_mlp: bool = False) -> int:
-    """Number of edges by the closed formula (CIRCUITS.md §3.1); 32,491 for GPT-2 small."""
+    """Number of edges by the closed formula (docs/circuits.md, "The component graph"); 32,491 for GPT-2 small."""
     H = n_heads
     total = 1 + n_layers * (H + 1)  # edges into the logits: one from every source
     for layer in range(n_layers):

@@ -1,4 +1,4 @@
-"""Choosing a circuit from edge scores, and pruning it to a fixed point (CIRCUITS.md §3.4, EAP-IG ``Graph``).
+"""Choosing a circuit from edge scores, and pruning it to a fixed point (docs/circuits.md, "Choosing and checking a circuit", EAP-IG ``Graph``).
 
 - ``topn``: the n edges with the largest |score|, then prune.
 - ``greedy``: grow from the logits backwards: candidates are the edges into nodes already in the circuit

@@ -1,4 +1,4 @@
-"""Find a task's token-level circuit (``spartan circuit --level token``; CIRCUITS.md §5).
+"""Find a task's token-level circuit (``spartan circuit --level token``; docs/circuits.md).
 
 ``find_token_circuit(model, tokenizer, cfg, task=...)``:
 1. The task must declare a fixed layout (``Task.fixed_layout``: position p plays one role in every prompt,
@@ -150,7 +150,7 @@ def check_layout(task) -> None:
     if not getattr(task, "fixed_layout", False):
         raise TaskError(f"token-level circuits average scores per position, so every prompt must share one layout; "
                         f"task {task.spec!r} does not (its prompts differ in length or template). Use --level "
-                        "component, or a fixed-layout task (addition, greater-than)")
+                        "component, or a fixed-layout task (addition, greater-than, induction)")
 
 
 def find_token_circuit(model, tokenizer, cfg, *, task, name: str | None = None,

@@ -1,4 +1,4 @@
-"""Token-level attribution and edge patching (CIRCUITS.md §5.2): residual edges per position, attention edges
+"""Token-level attribution and edge patching (docs/circuits.md, "Token-level graphs"): residual edges per position, attention edges
 per (query, key) pair, on the wired model.
 
 Attention with per-pair overrides (``mixed_attention``), per head, for query i and key j <= i:

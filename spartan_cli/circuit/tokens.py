@@ -1,4 +1,4 @@
-"""The token-level graph of a decoder-only transformer (CIRCUITS.md §5.2): nodes are components at positions.
+"""The token-level graph of a decoder-only transformer (docs/circuits.md, "Token-level graphs"): nodes are components at positions.
 
 Nodes, for prompts of ``n_pos`` positions (one layout shared by every prompt):
   ``input@t``, ``a{l}.h{h}@t`` (head output), ``m{l}@t``, ``logits@t`` at the metric positions only, and per

@@ -1,7 +1,7 @@
 """Run a Hugging Face model with every edge of the component graph as a separate wire.
 
 Inside ``wired(model, graph)`` each decoder block's forward is replaced by one that computes the same
-function per head (CIRCUITS.md §3.1, "HF GPT-2 specifics"):
+function per head (docs/circuits.md, "The component graph"):
 1. The block input is the residual stream; at layer 0 it is the ``input`` source (token + position
    embeddings: position terms are equal for clean and corrupted prompts, so they cancel in differences).
 2. Each head gets its own residual copy for q, k and v: x (batch, pos, 3 * n_heads, d_model), normed per

@@ -17,8 +17,9 @@ GATE_GRADIENT_CHOICES = ("hard", "straight-through")  # attribute.GATE_GRADIENTS
 @click.command("circuit")
 @click.argument("model")
 @click.option("--task", default=None, help=f"Task: {', '.join(n for n in task_names() if n != 'custom')}, "
-              "custom:FILE (.jsonl, EAP-IG .csv, auto-circuit .json) [built-in addition: addition]. A corruption "
-              "after a colon: ioi:s2|abc|aba, addition:b_units|a_units|a_tens|b_tens|units|tens|operands.")
+              "custom:FILE (.jsonl, EAP-IG .csv, auto-circuit .json) [built-ins: addition -> addition, shakespeare -> "
+              "induction]. A corruption after a colon: ioi:s2|abc|aba, addition:b_units|a_units|a_tens|b_tens|units|"
+              "tens|operands; induction:L sets the half length [16].")
 @click.option("--method", type=click.Choice(METHOD_CHOICES), default="eap-ig", show_default=True,
               help="Edge attribution: EAP (one backward), EAP-IG on the inputs, or exact (one patched run per "
               "edge: small models only; sees gate switching that gradients miss).")
@@ -35,7 +36,7 @@ GATE_GRADIENT_CHOICES = ("hard", "straight-through")  # attribute.GATE_GRADIENTS
               help="Report the smallest circuit recovering this share of the clean metric, in (0, 1].")
 @click.option("--level", type=click.Choice(LEVEL_CHOICES), default="component", show_default=True,
               help="Graph granularity: components (heads, MLPs), or tokens: nodes at positions, attention edges per "
-              "(query, key) pair, only where a gate is open (fixed-layout tasks: addition, greater-than).")
+              "(query, key) pair, only where a gate is open (fixed-layout tasks: addition, greater-than, induction).")
 @click.option("--minimize", is_flag=True,
               help="Cut the circuit that reaches --faithfulness by backward elimination (as ACDC prunes): drop its "
               "edges one at a time, lowest |score| first, keeping each drop that leaves F at the level; reports a "

@@ -14,7 +14,7 @@ GRAPH_MAX_TOKENS = 64  # the Figure-1 graph is drawn for prompts up to this long
 @click.command("density")
 @click.argument("ckpt")
 @click.option("--data", default=None, help="Text to measure on, every block. Default: the checkpoint's own held-out "
-              "blocks (built-in addition: its held-out problems).")
+              "blocks (built-ins: addition's held-out problems, shakespeare's held-out plays).")
 @click.option("--seq-len", type=click.IntRange(min=2), default=None, help="Tokens per block for --data [the checkpoint's, else 128].")
 @click.option("--text-field", default="text", show_default=True, help="Field holding the text in jsonl/parquet rows.")
 @click.option("--prompt", default=None, help="Also keep this text's attention: open keys per query in the report, "

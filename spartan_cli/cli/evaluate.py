@@ -72,10 +72,11 @@ def command_line() -> str:
 @click.command("evaluate")
 @click.argument("model")
 @click.option("--data", default=None, help="Text to measure CE on, every block (.txt/.jsonl/.parquet, folder, hub "
-              "dataset). Default: the checkpoint's own held-out blocks (built-in addition: its held-out problems).")
+              "dataset). Default: the checkpoint's own held-out blocks (built-ins: addition's held-out problems, "
+              "shakespeare's held-out plays).")
 @click.option("--seq-len", type=click.IntRange(min=2), default=None, help="Tokens per block for --data [the checkpoint's, else 128].")
 @click.option("--text-field", default="text", show_default=True, help="Field holding the text in jsonl/parquet rows.")
-@click.option("--task", default=None, help=f"Task metrics too: {', '.join(task_names())} [built-in addition: addition].")
+@click.option("--task", default=None, help=f"Task metrics too: {', '.join(task_names())} [built-ins: addition -> addition, shakespeare -> induction].")
 @click.option("--baseline", default=None, help="Base model to compare with [the checkpoint's base_model].")
 @click.option("--no-baseline", is_flag=True, help="Score only MODEL.")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None, help="Write evaluate.json here.")

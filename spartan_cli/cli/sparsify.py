@@ -41,6 +41,12 @@ FLAGS = [
     Flag("--geco-rate", "geco", "rate", click.FloatRange(min=0), "Log-space step of beta per unit of relative constraint [0.05]."),
     Flag("--geco-smoothing", "geco", "smoothing", click.FloatRange(min=0, max=1, max_open=True), "Moving-average factor of CE - target [0.99]."),
     Flag("--geco-warmup", "geco", "warmup_steps", click.IntRange(min=0), "Steps before beta may move [50]."),
+    Flag("--geco-reference", "geco", "reference", click.Choice(["heldout", "batch"]),
+         "What each step's CE is held against: heldout = base held-out CE + tolerance; batch = a frozen copy of the "
+         "base model's CE on the same rows + tolerance (less noise; one more forward and model copy) [heldout]."),
+    Flag("--geco-gates", "geco", "gates", click.Choice(["sampled", "deterministic"]),
+         "Gates of the CE the constraint reads: the training forward's sampled ones, or deterministic 1[g > 0] "
+         "(one more no-grad forward per step) [sampled]."),
 ]
 
 
@@ -57,12 +63,13 @@ FLAGS = [
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
 @click.pass_context
 def command(ctx, model, out, config_file, resume, overwrite, trust_remote_code, as_json, quiet, **_flags):
-    """Post-train MODEL (hub id, local HF directory, .gguf file, or built-in `addition`) so that its
-    attention becomes sparse at the base model's loss; writes a checkpoint directory to --out.
+    """Post-train MODEL (hub id, local HF directory, .gguf file, or built-in `addition` / `shakespeare`)
+    so that its attention becomes sparse at the base model's loss; writes a checkpoint directory to --out.
 
     \b
     Examples:
       spartan sparsify addition --out runs/addition
+      spartan sparsify shakespeare --out runs/shakespeare
       spartan sparsify gpt2 --data ./text.txt --seq-len 256 --steps 20000 --out runs/gpt2
     """
     from spartan_cli.cli.evaluate import quiet_loading

@@ -371,9 +371,10 @@ def _registry() -> dict[str, Task]:
     from spartan_cli.tasks.addition import AdditionTask
     from spartan_cli.tasks.custom import CustomTask
     from spartan_cli.tasks.greater_than import GreaterThanTask
+    from spartan_cli.tasks.induction import InductionTask
     from spartan_cli.tasks.ioi import IOITask
 
-    return {t.name: t for t in (AdditionTask(), CustomTask(), GreaterThanTask(), IOITask())}
+    return {t.name: t for t in (AdditionTask(), CustomTask(), GreaterThanTask(), InductionTask(), IOITask())}
 
 
 TASKS: dict[str, Task] = _registry()
@@ -394,7 +395,7 @@ def get_task(spec: str) -> Task:
 
 
 def default_task(model_name: str | None) -> Task | None:
-    """The task a built-in model was made for (``addition`` -> the addition task), else None."""
+    """The task a built-in model was made for (``addition`` -> addition, ``shakespeare`` -> induction), else None."""
     for task in TASKS.values():
         if model_name is not None and task.native_model == model_name:
             return task

@@ -1,4 +1,4 @@
-"""The ``addition`` task: the built-in model's two-digit addition (METHOD.md, the toy case study).
+"""The ``addition`` task: the built-in model's two-digit addition (docs/method.md, "The case studies").
 
 1. Data: all 10,000 problems ``aa+bb=ccccc`` (a, b in 0..99) as token ids of the built-in
    character tokenizer (``builtin.addition.encode``); the subset ``heldout_pairs`` holds the 1,000
