@@ -139,7 +139,7 @@ def test_unknown_task_and_missing_model_give_one_line(ckpt, tmp_path, capsys):
 
 
 def test_registry_names_and_arguments():
-    assert sorted(TASKS) == ["addition", "custom", "greater-than", "ioi"]
+    assert sorted(TASKS) == ["addition", "custom", "greater-than", "induction", "ioi"]
     assert get_task("addition") is TASKS["addition"]
     with pytest.raises(TaskError, match="takes no argument"):
         get_task("greater-than:file.jsonl")
@@ -148,6 +148,7 @@ def test_registry_names_and_arguments():
     with pytest.raises(TaskError, match="choose one of addition"):
         get_task("ioi-typo")
     assert default_task("addition") is TASKS["addition"] and default_task(None) is None
+    assert default_task("shakespeare") is TASKS["induction"]
 
 
 class _Oracle(torch.nn.Module):
