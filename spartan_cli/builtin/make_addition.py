@@ -36,6 +36,16 @@ from spartan_cli.errors import ConfigError
 log = logging.getLogger("spartan_cli.builtin.make_addition")
 
 
+def check_schedule_and_shape(s) -> None:
+    """ConfigError unless the counts and sizes of pretraining settings ``s`` are positive and
+    0 <= warmup < steps (shared by the built-in models' training scripts)."""
+    for name in ("steps", "batch_size", "eval_every", "threads", "n_layer", "n_head", "n_embd"):
+        if getattr(s, name) < 1:
+            raise ConfigError(f"{name}={getattr(s, name)!r}: expected a positive integer")
+    if not 0 <= s.warmup < s.steps:
+        raise ConfigError(f"warmup={s.warmup!r}: expected 0 <= warmup < steps ({s.steps})")
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     """How the dense addition model is trained (defaults = the shipped model)."""
@@ -55,11 +65,7 @@ class TrainSettings:
     threads: int = 2  # torch intra-op threads (the result depends on it only in the last bits)
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "eval_every", "threads", "n_layer", "n_head", "n_embd"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)!r}: expected a positive integer")
-        if not 0 <= self.warmup < self.steps:
-            raise ConfigError(f"warmup={self.warmup!r}: expected 0 <= warmup < steps ({self.steps})")
+        check_schedule_and_shape(self)
         if self.lr <= 0 or self.weight_decay < 0:
             raise ConfigError(f"lr={self.lr!r}, weight_decay={self.weight_decay!r}: expected lr > 0, weight_decay >= 0")
         if self.n_embd % self.n_head:

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from spartan_cli.builtin import shakespeare
+from spartan_cli.builtin.make_addition import check_schedule_and_shape
 from spartan_cli.builtin.make_addition import save as save_dir
 from spartan_cli.errors import ConfigError, DataError
 
@@ -57,11 +58,7 @@ class TrainSettings:
     threads: int = 2
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "eval_every", "threads", "n_layer", "n_head", "n_embd"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)!r}: expected a positive integer")
-        if not 0 <= self.warmup < self.steps:
-            raise ConfigError(f"warmup={self.warmup!r}: expected 0 <= warmup < steps ({self.steps})")
+        check_schedule_and_shape(self)
         if self.n_embd % self.n_head:
             raise ConfigError(f"n_embd={self.n_embd!r} must be divisible by n_head={self.n_head!r}")
 
