@@ -104,6 +104,10 @@ class GecoConfig:
     # "deterministic" = one more no-grad forward of the step's rows with 1[g > 0], the gates every
     # measurement and the shipped model use (sampling noise alone can cost more than the tolerance)
     gates: str = "sampled"
+    # slack the constraint starts with (nats), narrowed linearly to the run's tolerance by the start of the
+    # settle phase: the model first sparsifies at a loose target, then buys the loss back at the density it
+    # reached. None: the tolerance holds from step 0.
+    tolerance_start: float | None = None
 
     def __post_init__(self):
         check_types(self, "geco")
@@ -123,6 +127,8 @@ class GecoConfig:
             _positive("geco.scale", self.scale)
         if not 0.0 <= self.settle_fraction < 1.0:
             raise ConfigError(f"geco.settle_fraction must be in [0, 1), got {self.settle_fraction!r}")
+        if self.tolerance_start is not None:
+            _positive("geco.tolerance_start", self.tolerance_start, allow_zero=True)
         if self.gates not in CONSTRAINED_GATES:
             raise ConfigError(f"geco.gates must be one of {', '.join(CONSTRAINED_GATES)}, got {self.gates!r}")
         if self.reference not in REFERENCES:

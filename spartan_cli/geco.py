@@ -13,7 +13,9 @@ predecessor paper (SPARTAN, arXiv 2411.06890; GECO, Rezende & Viola 2018):
    then is the trap docs/method.md describes), while c_ma is tracked so it is warm when updates start.
 5. In the settle phase (the last ``settle_fraction`` of the run) beta may only fall: the pressure stops
    growing so the run ends on the feasible side of the constraint instead of mid-oscillation.
-6. beta pinned at beta_min while c_ma > 0 means the target looks infeasible: reported, not diverged.
+6. Optionally the tolerance itself is annealed (``tolerance_start``, ``tolerance_at``): a loose slack at
+   first lets density fall fast, then the slack narrows to the user's tolerance before the settle phase.
+7. beta pinned at beta_min while c_ma > 0 means the target looks infeasible: reported, not diverged.
 """
 
 from __future__ import annotations
@@ -47,6 +49,16 @@ class GecoState:
     @classmethod
     def from_dict(cls, d: dict) -> "GecoState":
         return cls(**{k: d[k] for k in ("beta", "c_ma", "steps", "floor_steps")})
+
+
+def tolerance_at(step: int, steps: int, tolerance: float, cfg: GecoConfig) -> float:
+    """The constraint's slack at ``step``: ``cfg.tolerance_start`` narrowed linearly to ``tolerance`` by the
+    start of the settle phase, then held; ``tolerance`` throughout when no start is set."""
+    if cfg.tolerance_start is None:
+        return tolerance
+    end = steps * (1.0 - cfg.settle_fraction)
+    frac = min(1.0, step / end) if end > 0 else 1.0
+    return cfg.tolerance_start + (tolerance - cfg.tolerance_start) * frac
 
 
 def geco_update(state: GecoState, ce: float, tau: float, cfg: GecoConfig, *, settling: bool = False) -> GecoState:

@@ -31,7 +31,7 @@ from spartan_cli.attention import gate_states
 from spartan_cli.blocks import Splits
 from spartan_cli.config import GateConfig, GecoConfig, TrainConfig
 from spartan_cli.errors import SpartanError
-from spartan_cli.geco import GecoState, geco_update
+from spartan_cli.geco import GecoState, geco_update, tolerance_at
 from spartan_cli.measure import measure
 from spartan_cli.scopes import deterministic_gates, gates_open, no_dropout, recording
 
@@ -312,10 +312,11 @@ def sparsify(
             constrained = ce_mean if det_mean is None else det_mean
             if finite:
                 settling = step >= tc.steps * (1.0 - gc.settle_fraction)
+                slack = tolerance_at(step, tc.steps, tc.tolerance, gc)
                 if ref_mean is None:
-                    geco = geco_update(geco, constrained, state.tau, gc, settling=settling)
-                else:  # the gap to the dense model on these very rows, against the tolerance
-                    geco = geco_update(geco, constrained - ref_mean, tc.tolerance, gc, settling=settling)
+                    geco = geco_update(geco, constrained, state.base_ce + slack, gc, settling=settling)
+                else:  # the gap to the dense model on these very rows, against the slack
+                    geco = geco_update(geco, constrained - ref_mean, slack, gc, settling=settling)
             state.step = step + 1
             state.tokens_seen += tokens_per_step
             elapsed = time.perf_counter() - t_start

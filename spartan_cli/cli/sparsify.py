@@ -47,6 +47,9 @@ FLAGS = [
     Flag("--geco-gates", "geco", "gates", click.Choice(["sampled", "deterministic"]),
          "Gates of the CE the constraint reads: the training forward's sampled ones, or deterministic 1[g > 0] "
          "(one more no-grad forward per step) [sampled]."),
+    Flag("--tolerance-start", "geco", "tolerance_start", click.FloatRange(min=0),
+         "Slack (nats) the constraint starts with, narrowed linearly to --tolerance by the settle phase "
+         "[none: --tolerance from step 0]."),
 ]
 
 
