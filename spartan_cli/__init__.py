@@ -7,7 +7,7 @@ settings as keyword arguments named like the config fields) and returns the comm
     run = spartan_cli.sparsify("addition", out="runs/addition", train={"steps": 200})   # run.RunResult
     ev = spartan_cli.evaluate("runs/addition")                          # evaluate.EvaluateRun
     dn = spartan_cli.density("runs/addition", prompt="53+21=00074")     # density.DensityRun
-    cr = spartan_cli.find_circuit("runs/addition", method="eap-ig")     # circuit.discovery.CircuitRun
+    cr = spartan_cli.find_circuit("runs/addition", method="eap-ig")     # circuit.run.CircuitRun
     ex = spartan_cli.export("runs/addition", format="hf", out="exported/addition")  # export.ExportResult
 
 Importing this package is cheap (no torch): the functions import what they need. It also makes the gated
@@ -108,8 +108,9 @@ def density(model: str, **settings):
 
 def find_circuit(model: str, **settings):
     """``spartan circuit MODEL``: a task's circuit by edge attribution and patching ->
-    circuit.discovery.CircuitRun. ``settings``: the fields of circuit.discovery.CircuitConfig."""
-    from spartan_cli.circuit.discovery import CircuitConfig, circuit_run
+    circuit.run.CircuitRun. ``settings``: the fields of circuit.driver.CircuitConfig."""
+    from spartan_cli.circuit.driver import CircuitConfig
+    from spartan_cli.circuit.run import circuit_run
 
     on_progress = settings.pop("on_progress", None)
     return circuit_run(CircuitConfig.from_dict({"model": str(model), **settings}), on_progress=on_progress)

@@ -11,7 +11,7 @@ Formats live in ``FORMATS`` (name -> Format); each reads one kind of source and 
 - ``masks``: JSONL, one record per sequence (a dataset's blocks or ``--prompt`` texts): its tokens and,
   per layer and head, the open (query, key) pairs of the deterministic gates.
 - ``graphml``, ``dot``, ``json`` (networkx node-link), ``png``, ``svg``: the circuit of a ``circuit.json``
-  (``spartan circuit --out``), through the writers of ``circuit.export``; png/svg render the DOT with
+  (``spartan circuit --out``), through the writers of ``circuit.run``; png/svg render the DOT with
   graphviz's ``dot`` program.
 Every file is written to a temporary name and moved in place; directories are staged beside ``out``.
 
@@ -276,7 +276,7 @@ def write_masks(cfg: ExportConfig) -> ExportResult:
 # ------------------------------------------------------------------------------------ circuit graphs
 def read_circuit_source(source: str):
     """circuit.json (or the folder ``spartan circuit --out`` wrote) -> discovery.CircuitResult."""
-    from spartan_cli.circuit.export import read_circuit
+    from spartan_cli.circuit.run import read_circuit
 
     path = Path(source).expanduser()
     if path.is_dir():
@@ -301,9 +301,9 @@ def node_link_text(graph) -> str:
     """The circuit as networkx node-link JSON (``networkx.node_link_graph(data, edges="edges")`` reads it)."""
     import networkx as nx
 
-    from spartan_cli.circuit.export import to_networkx_circuit
+    from spartan_cli.circuit.run import circuit_networkx
 
-    return json.dumps(nx.node_link_data(to_networkx_circuit(graph), edges="edges")) + "\n"
+    return json.dumps(nx.node_link_data(circuit_networkx(graph), edges="edges")) + "\n"
 
 
 def render_dot(dot: str, fmt: str) -> bytes:
@@ -320,15 +320,15 @@ def render_dot(dot: str, fmt: str) -> bytes:
 
 
 def write_graphml(cfg):
-    from spartan_cli.circuit.export import graphml_text
+    from spartan_cli.circuit.run import circuit_graphml_text
 
-    return _graph_export(cfg, lambda r: graphml_text(r.graph))
+    return _graph_export(cfg, lambda r: circuit_graphml_text(r.graph))
 
 
 def write_dot(cfg):
-    from spartan_cli.circuit.export import dot_text
+    from spartan_cli.circuit.run import circuit_dot_text
 
-    return _graph_export(cfg, lambda r: dot_text(r.graph, title=_graph_title(r)))
+    return _graph_export(cfg, lambda r: circuit_dot_text(r.graph, title=_graph_title(r)))
 
 
 def write_node_link(cfg):
@@ -337,11 +337,11 @@ def write_node_link(cfg):
 
 def _rendered(fmt: str):
     def write(cfg):
-        from spartan_cli.circuit.export import dot_text
+        from spartan_cli.circuit.run import circuit_dot_text
 
         if shutil.which("dot") is None:  # fail before reading anything
             render_dot("", fmt)
-        return _graph_export(cfg, lambda r: render_dot(dot_text(r.graph, title=_graph_title(r)), fmt))
+        return _graph_export(cfg, lambda r: render_dot(circuit_dot_text(r.graph, title=_graph_title(r)), fmt))
 
     return write
 

@@ -12,8 +12,10 @@ import torch
 from spartan_cli import checkpoint
 from spartan_cli.attention import attach_gates
 from spartan_cli.circuit import ContrastBatch, Curve, CurvePoint, evaluate
-from spartan_cli.circuit.discovery import METHOD_NAMES, CircuitConfig, find_circuit, refine_sizes
-from spartan_cli.circuit.export import dot_text, graphml_text, read_circuit
+from spartan_cli.circuit.curve import refine_sizes
+from spartan_cli.circuit.driver import METHOD_NAMES, CircuitConfig
+from spartan_cli.circuit.export import dot_text, graphml_text
+from spartan_cli.circuit.run import find_circuit, read_circuit
 from spartan_cli.cli.main import main
 from spartan_cli.config import GateConfig
 from spartan_cli.errors import ConfigError
@@ -227,7 +229,7 @@ def test_config_is_strict_and_validated():
 
 def test_cli_choices_match_the_registries():
     from spartan_cli.circuit.select import SELECTIONS
-    from spartan_cli.circuit.attribute import GATE_GRADIENTS
+    from spartan_cli.circuit.taps import GATE_GRADIENTS
     from spartan_cli.cli.circuit import GATE_GRADIENT_CHOICES, METHOD_CHOICES, SELECTION_CHOICES
 
     assert sorted(METHOD_CHOICES) == sorted(METHOD_NAMES) and sorted(SELECTION_CHOICES) == sorted(SELECTIONS)

@@ -8,8 +8,7 @@ import torch
 from spartan_cli.attention import attach_gates
 from spartan_cli.circuit import (Curve, CurvePoint, Graph, Tap, attribute, evaluate, faithfulness, select, sweep,
                                  wired)
-from spartan_cli.circuit.attribute import Record
-from spartan_cli.circuit.faithfulness import Patch
+from spartan_cli.circuit.taps import Patch, Record
 from spartan_cli.config import GateConfig
 from spartan_cli.errors import ConfigError
 from tests.micro import BUILDERS, contrast, logit_difference
@@ -170,7 +169,7 @@ def test_straight_through_gates_keep_the_forward_and_pass_the_sigmoid_gradient()
     """gate_gradient="straight-through": a gated layer's output keeps its value bit for bit, and its gradient
     is that of A = P * (1[g > 0] + s - s.detach()), s = sigmoid(g), written out by hand."""
     from spartan_cli.attention import STATE_ATTR, gated_attention_forward
-    from spartan_cli.circuit.attribute import GATE_GRADIENTS, _Gradients
+    from spartan_cli.circuit.taps import GATE_GRADIENTS, Gradients
     from spartan_cli.models import adapter_for
 
     model = attach_gates(BUILDERS["gpt2"](), GateConfig(bias=0.0)).double()
@@ -202,7 +201,7 @@ def test_straight_through_gates_keep_the_forward_and_pass_the_sigmoid_gradient()
     scores_buf = torch.zeros(graph.n_forward, graph.n_backward)
     with wired(model, graph) as wiring:
         plain = wiring.run(batch.clean)
-        tap = _Gradients(graph, delta, scores_buf, subtract=False, gate_term=GATE_GRADIENTS["straight-through"])
+        tap = Gradients(graph, delta, scores_buf, subtract=False, gate_term=GATE_GRADIENTS["straight-through"])
         assert torch.equal(wiring.run(batch.clean, tap=tap).detach(), plain)
 
 

@@ -12,8 +12,8 @@ import torch
 
 from spartan_cli.attention import attach_gates, gate_states
 from spartan_cli.circuit import ContrastBatch, Graph, evaluate, wired
-from spartan_cli.circuit.discovery import CircuitConfig, find_circuit
-from spartan_cli.circuit.export import read_circuit, write_all
+from spartan_cli.circuit.driver import CircuitConfig
+from spartan_cli.circuit.run import find_circuit, read_circuit, write_all
 from spartan_cli.circuit.token_patching import (TokenPatch, _corrupted_and_clean, attribute_tokens, evaluate_tokens,
                                                 mixed_attention)
 from spartan_cli.circuit.tokens import TokenGraph, prune, select_tokens, selection_order, token_networkx
@@ -369,9 +369,9 @@ def test_spartan_export_reads_a_token_circuit(tmp_path, capsys):
     model = _model("gpt2", gated=True, bias=0.5)
     cfg = CircuitConfig(model="micro", method="eap", n_examples=6, batch_size=6, level="token", refine_rounds=0)
     result = find_circuit(model, None, cfg, task=_Pairs())
-    from spartan_cli.circuit.token_export import token_circuit_dict
+    from spartan_cli.circuit.files import result_dict
 
-    (tmp_path / "circuit.json").write_text(json.dumps(token_circuit_dict(result)))
+    (tmp_path / "circuit.json").write_text(json.dumps(result_dict(result, kind="token_circuit")))
     for fmt in ("graphml", "dot", "json"):
         main(["export", str(tmp_path / "circuit.json"), "--format", fmt, "--out", str(tmp_path / f"c.{fmt}")])
     g = nx.read_graphml(tmp_path / "c.graphml")
@@ -413,7 +413,7 @@ def test_cli_token_level_compare_base(tmp_path, capsys):
 
 
 def test_token_table_shows_both_models_and_their_ratio(capsys, monkeypatch):
-    from spartan_cli.circuit.discovery import CircuitRun
+    from spartan_cli.circuit.run import CircuitRun
 
     monkeypatch.setenv("COLUMNS", "200")  # rich wraps cells at the terminal width
     from spartan_cli.cli.circuit import _print_token_tables

@@ -187,7 +187,7 @@ def circuit_json(tmp_path_factory):
     """A circuit.json as ``spartan circuit --out`` writes it, for a 2-layer, 3-head graph with seeded scores."""
     from spartan_cli.circuit import Curve, CurvePoint, Graph, select
     from spartan_cli.circuit.discovery import CircuitResult, top_heads
-    from spartan_cli.circuit.export import write_circuit
+    from spartan_cli.circuit.files import result_dict, write_text
 
     g = Graph.from_shape(2, 3, meta={"model": "tiny", "task": "addition", "method": "eap"})
     scores = torch.randn(g.real.shape, generator=torch.Generator().manual_seed(0))
@@ -196,7 +196,8 @@ def circuit_json(tmp_path_factory):
     point = CurvePoint(12, circuit.n_edges, circuit.n_nodes, 1.0, 0.95)
     curve = Curve((point,), 2.0, 0.0, scored.n_real_edges, "topn")
     result = CircuitResult("tiny", True, circuit, curve, curve, 0.9, top_heads(circuit, 3), None, {}, 8)
-    return write_circuit(result, tmp_path_factory.mktemp("circuit") / "circuit.json"), circuit
+    path = tmp_path_factory.mktemp("circuit") / "circuit.json"
+    return write_text(path, json.dumps(result_dict(result, kind="circuit_graph")) + "\n"), circuit
 
 
 def test_graphml_and_node_link_open_in_networkx_with_the_circuit(circuit_json, tmp_path):

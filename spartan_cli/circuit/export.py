@@ -1,7 +1,7 @@
-"""Circuit files: JSON (docs/circuits.md, "Files", EAP-IG names), GraphML, DOT, the faithfulness curve (CSV, PNG)
-and a picture of the circuit. Every file is written to a temp file, then moved in place (os.replace).
+"""Component circuit files: JSON (docs/circuits.md, "Files", EAP-IG names), GraphML, DOT and a picture of the
+circuit; the curve and the envelope are ``files``'.
 
-``circuit.json`` (``write_circuit`` / ``read_circuit``)::
+``circuit.json`` (``run.write_all`` / ``run.read_circuit``)::
 
     schema_version   CIRCUIT_SCHEMA_VERSION (= graph.SCHEMA_VERSION, so EAP-IG-style readers and
                      ``Graph.from_json`` read the file as is)
@@ -26,68 +26,11 @@ its q/k/v slots in ``qkv``). ``circuit.dot``: one edge per slot, written by hand
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import math
 from pathlib import Path
 
-from spartan_cli.circuit.graph import SCHEMA_VERSION as CIRCUIT_SCHEMA_VERSION
-from spartan_cli.errors import DataError
+from spartan_cli.circuit.files import dot_id, write_files
 
-CURVE_FIELDS = ("requested", "edges", "nodes", "metric", "faithfulness", "running_max", "grid")
 QKV_COLOURS = {"q": "tab:blue", "k": "tab:green", "v": "tab:purple", "": "tab:gray"}
-
-
-def _write(path: Path, text: str) -> Path:
-    from spartan_cli.checkpoint import atomic_write_text
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, text)
-    return path
-
-
-# --------------------------------------------------------------------------------------------- JSON
-def circuit_dict(result, *, command: str = "", config: dict | None = None) -> dict:
-    """circuit.json's object for a discovery.CircuitResult."""
-    from spartan_cli import __version__
-    from spartan_cli.checkpoint import versions
-    from spartan_cli.report import _finite
-
-    header = {"schema_version": CIRCUIT_SCHEMA_VERSION, "spartan_version": __version__, "kind": "circuit_graph",
-              "command": command, "config": config or {}, "versions": versions()}
-    return _finite({**header, **result.to_dict()})
-
-
-def write_circuit(result, path, *, command: str = "", config: dict | None = None) -> Path:
-    return _write(path, json.dumps(circuit_dict(result, command=command, config=config)) + "\n")
-
-
-def read_circuit(path):
-    """circuit.json -> discovery.CircuitResult (graph with the circuit, curves, summary); a token-level file
-    (kind "token_circuit") -> token_discovery.TokenCircuitResult."""
-    from spartan_cli.circuit.discovery import CircuitResult
-
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"circuit file {str(path)!r} does not exist; pass the circuit.json `spartan circuit --out` "
-                        "wrote") from None
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if data.get("schema_version") != CIRCUIT_SCHEMA_VERSION:
-        raise DataError(f"{path} has schema_version {data.get('schema_version')!r}; this spartan reads "
-                        f"{CIRCUIT_SCHEMA_VERSION}: re-run `spartan circuit`")
-    try:
-        if data.get("kind") == "token_circuit":  # spartan circuit --level token (token_export.py)
-            from spartan_cli.circuit.token_discovery import TokenCircuitResult
-
-            return TokenCircuitResult.from_dict(data)
-        return CircuitResult.from_dict(data)
-    except (KeyError, TypeError) as exc:
-        raise DataError(f"{path} lacks {exc}; it was not written by `spartan circuit`") from None
 
 
 # ------------------------------------------------------------------------------------ GraphML, DOT
@@ -95,16 +38,13 @@ def graphml_text(graph) -> str:
     """GraphML of the circuit (nodes and merged q/k/v edges, see graph.to_networkx)."""
     import networkx as nx
 
-    g = nx.DiGraph(to_networkx_circuit(graph))  # a TokenGraph gives its token nodes and edges
+    g = nx.DiGraph(to_networkx_circuit(graph))
     return "\n".join(nx.generate_graphml(g)) + "\n"
 
 
 def to_networkx_circuit(graph):
+    """The circuit's networkx DiGraph (``graph.to_networkx``) with every score key on every edge."""
     from spartan_cli.circuit.graph import to_networkx
-    from spartan_cli.circuit.tokens import TokenGraph, token_networkx
-
-    if isinstance(graph, TokenGraph):
-        return token_networkx(graph)
 
     g = to_networkx(graph, in_graph_only=True)
     for _, _, attrs in g.edges(data=True):  # every edge gets every score key (GraphML keys are global)
@@ -113,84 +53,36 @@ def to_networkx_circuit(graph):
     return g
 
 
-def _dot_id(name: str) -> str:
-    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 def dot_text(graph, *, title: str = "circuit") -> str:
     """DOT of the circuit: components ranked by layer (input at the bottom, logits on top), one edge per
     head input it feeds (label q/k/v), pen width by |score|; blue where corrupting the edge lowers the
-    metric (score < 0: it carries the clean behaviour), red where it raises it. A TokenGraph is drawn by
-    token_export.token_dot_text."""
-    from spartan_cli.circuit.tokens import TokenGraph
-
-    if isinstance(graph, TokenGraph):
-        from spartan_cli.circuit.token_export import token_dot_text
-
-        return token_dot_text(graph, title=title)
+    metric (score < 0: it carries the clean behaviour), red where it raises it."""
     nodes = [n for n in graph.nodes() if n.in_graph]
     edges = graph.edges(in_graph_only=True)
     peak = max((abs(e.score) for e in edges), default=1.0) or 1.0
     shape = {"input": "invhouse", "attn": "ellipse", "mlp": "box", "logits": "house"}
     fill = {"input": "#dddddd", "attn": "#cfe2f3", "mlp": "#fce5cd", "logits": "#dddddd"}
-    lines = [f"digraph {_dot_id(title)} {{", "  rankdir=BT;", '  node [style=filled, fontname="Helvetica"];',
+    lines = [f"digraph {dot_id(title)} {{", "  rankdir=BT;", '  node [style=filled, fontname="Helvetica"];',
              '  edge [fontname="Helvetica", fontsize=9];']
     ranks: dict[int, list[str]] = {}
     for n in nodes:
-        lines.append(f"  {_dot_id(n.name)} [shape={shape[n.kind]}, fillcolor={_dot_id(fill[n.kind])}];")
+        lines.append(f"  {dot_id(n.name)} [shape={shape[n.kind]}, fillcolor={dot_id(fill[n.kind])}];")
         if n.layer is not None:
             ranks.setdefault(2 * n.layer + (1 if n.kind == "mlp" and not graph.parallel_attn_mlp else 0),
                              []).append(n.name)
     for _, names in sorted(ranks.items()):
-        lines.append("  { rank=same; " + " ".join(_dot_id(x) for x in names) + " }")
+        lines.append("  { rank=same; " + " ".join(dot_id(x) for x in names) + " }")
     for e in edges:
         colour = "#1f77b4" if e.score <= 0 else "#d62728"
         width = 0.5 + 3.5 * abs(e.score) / peak
-        label = f", label={_dot_id(e.qkv)}" if e.qkv else ""
-        lines.append(f"  {_dot_id(e.parent)} -> {_dot_id(e.child)} [color={_dot_id(colour)}, "
-                     f"penwidth={width:.2f}, tooltip={_dot_id(f'{e.name}: {e.score:.4g}')}{label}];")
+        label = f", label={dot_id(e.qkv)}" if e.qkv else ""
+        lines.append(f"  {dot_id(e.parent)} -> {dot_id(e.child)} [color={dot_id(colour)}, "
+                     f"penwidth={width:.2f}, tooltip={dot_id(f'{e.name}: {e.score:.4g}')}{label}];")
     lines.append("}")
     return "\n".join(lines) + "\n"
 
 
 # -------------------------------------------------------------------------------------------- curve
-def curve_csv(result) -> str:
-    from spartan_cli.circuit.discovery import curve_rows
-
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CURVE_FIELDS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in curve_rows(result):
-        writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
-    return buf.getvalue()
-
-
-def plot_curves(results, path, *, title: str = "faithfulness against circuit size") -> Path:
-    """F against post-prune edges (log x) for each CircuitResult, the level as a dashed line and the
-    circuit each reports marked."""
-    from spartan_cli.plots import _figure, _save
-
-    fig = _figure(6.4, 4.2)
-    ax = fig.add_subplot()
-    level = results[0].level
-    for result, colour in zip(results, ("tab:red", "tab:blue", "tab:green", "tab:orange")):
-        pts = sorted((p for p in result.refined.points if p.edges > 0), key=lambda p: (p.edges, p.requested))
-        kind = "sparse" if result.gated else "dense"
-        ax.plot([p.edges for p in pts], [p.faithfulness for p in pts], marker=".", color=colour, lw=1.2,
-                label=f"{kind}: {result.name}")
-        point = result.needed
-        if point is not None:
-            ax.plot([point.edges], [point.faithfulness], marker="o", ms=9, mfc="none", color=colour)
-            ax.annotate(f"{point.edges} edges", (point.edges, point.faithfulness), textcoords="offset points",
-                        xytext=(6, -12), color=colour, fontsize=8)
-    ax.axhline(level, ls="--", color="gray", lw=0.8)
-    ax.set_xscale("log")
-    ax.set_xlabel(f"edges in the circuit (of {results[0].curve.total_edges:,})")
-    ax.set_ylabel("normalized faithfulness F")
-    ax.set_title(title)
-    ax.legend(fontsize=8, loc="lower right")
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
 
 
 # ------------------------------------------------------------------------------------------ picture
@@ -261,21 +153,9 @@ def _port(xy: tuple[float, float], qkv: str | None) -> tuple[float, float]:
 
 
 # --------------------------------------------------------------------------------------------- all
-def write_all(result, out_dir, *, command: str = "", config: dict | None = None) -> list[Path]:
-    """circuit.json, circuit.graphml, circuit.dot, curve.csv, curve.png, circuit.png in ``out_dir``."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise DataError(f"--out {str(out)!r} exists and is not a directory; pass a directory")
-    if getattr(result, "kind", "component") == "token":
-        from spartan_cli.circuit.token_export import write_token_all
 
-        return write_token_all(result, out, command=command, config=config)
-    out.mkdir(parents=True, exist_ok=True)
-    kind = "sparse" if result.gated else "dense"
-    title = f"{kind} {result.name}: {result.graph.meta.get('task')} circuit"
-    return [write_circuit(result, out / "circuit.json", command=command, config=config),
-            _write(out / "circuit.graphml", graphml_text(result.graph)),
-            _write(out / "circuit.dot", dot_text(result.graph, title=title)),
-            _write(out / "curve.csv", curve_csv(result)),
-            plot_curves([result], out / "curve.png", title=title),
-            plot_circuit(result.graph, out / "circuit.png", title=title)]
+
+def write_component_files(result, out_dir, *, command: str = "", config: dict | None = None) -> list[Path]:
+    """circuit.json, circuit.graphml, circuit.dot, curve.csv, curve.png, circuit.png of a CircuitResult."""
+    return write_files(result, out_dir, kind="circuit_graph", what="circuit", graphml=graphml_text, dot=dot_text,
+                       picture=plot_circuit, command=command, config=config)

@@ -1,4 +1,5 @@
-"""Find a task's token-level circuit (``spartan circuit --level token``; docs/circuits.md).
+"""The token-level circuit (``spartan circuit --level token``; docs/circuits.md): ``TOKEN``, this level's part in
+``driver.search``.
 
 ``find_token_circuit(model, tokenizer, cfg, task=...)``:
 1. The task must declare a fixed layout (``Task.fixed_layout``: position p plays one role in every prompt,
@@ -11,7 +12,7 @@
    ``cfg.faithfulness`` (as the component level does), each circuit selected (greedy from the logits, or
    top-n, then pruned) and evaluated by patching per (edge, position) -> normalized faithfulness.
 4. The circuit is the smallest size whose running-max F reaches the level (else the best F); with
-   ``minimize``, cut further by backward elimination (``faithfulness.eliminate``) as at component level. Reported
+   ``minimize``, cut further by backward elimination (``curve.eliminate``) as at component level. Reported
    beside it: its component-level summary (an edge u -> v is in when some (u, t) -> (v, t) is, §5.2), its
    attention edges by |score| with the share of prompts whose gate is open, and, per metric position, the
    heads and attention edges on its paths into those logits.
@@ -20,11 +21,11 @@
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import Callable
 
-from spartan_cli.circuit.faithfulness import Curve, CurvePoint, SweepChoice
+from spartan_cli.circuit.curve import Curve, CurvePoint, SweepChoice
+from spartan_cli.circuit.driver import Found, Level, curve_rows, minimized_point, search, sweep_summary
 from spartan_cli.circuit.tokens import TokenGraph
 from spartan_cli.errors import ConfigError, TaskError
 
@@ -81,8 +82,6 @@ class TokenCircuitResult(SweepChoice):
         }
 
     def summary(self) -> dict:
-        from spartan_cli.circuit.discovery import sweep_summary
-
         return {
             "name": self.name, "gated": self.gated, "level_kind": "token", "note": TOKEN_NOTE,
             "gates": self.graph.meta.get("gate_policy"),
@@ -102,8 +101,6 @@ class TokenCircuitResult(SweepChoice):
 
     @classmethod
     def from_dict(cls, d: dict) -> TokenCircuitResult:
-        from spartan_cli.circuit.discovery import minimized_point
-
         s = d["summary"]
         graph = TokenGraph.from_dict({"schema_version": d.get("schema_version", 1), "cfg": d["cfg"],
                                       "token_edges": d["token_edges"]})
@@ -115,12 +112,6 @@ class TokenCircuitResult(SweepChoice):
         return cls(name=s["name"], gated=s["gated"], graph=graph, curve=make(grid), refined=make(points),
                    level=s["level"], timing=dict(s["timing"]), n_examples=s["n_examples"],
                    minimized=minimized_point(s))
-
-
-def curve_rows(result) -> list[dict]:
-    from spartan_cli.circuit.discovery import curve_rows as rows
-
-    return rows(result)
 
 
 def paths_by_position(graph: TokenGraph) -> dict[str, dict]:
@@ -153,61 +144,60 @@ def check_layout(task) -> None:
                         "component, or a fixed-layout task (addition, greater-than, induction)")
 
 
-def find_token_circuit(model, tokenizer, cfg, *, task, name: str | None = None,
-                       on_progress: Callable | None = None) -> TokenCircuitResult:
-    """Steps 1-4 of the module docstring for one model."""
-    from contextlib import nullcontext
-
-    from spartan_cli.circuit.discovery import batches_of, clean_forward_s, counting_progress, sweep_and_refine
-    from spartan_cli.circuit.graph import Graph
-    from spartan_cli.circuit.token_patching import attribute_tokens, sweep_tokens
-    from spartan_cli.circuit.tokens import select_tokens, selection_order
-    from spartan_cli.evaluate import is_gated
-    from spartan_cli.scopes import deterministic_gates
-
+def _check(cfg, task) -> None:
     if cfg.attribution not in ("eap", "eap-ig-inputs"):
         raise ConfigError(f"method {cfg.method!r} is not available at token level; use eap or eap-ig")
     check_layout(task)
-    name = name or cfg.model
-    say = on_progress or (lambda p: None)
-    start = time.perf_counter()
-    pairs = task.contrast(tokenizer, n=cfg.n_examples, seed=cfg.seed)
-    batches = batches_of(pairs, cfg.batch_size)
-    gated = is_gated(model)
-    meta = {"model": name, "task": task.spec, "metric": task.metric_name, "seed": cfg.seed,
-            "selection": cfg.selection, "corruption": task.describe().get("corruption"),
-            "bos": task.describe().get("bos")}
-    timing: dict[str, float] = {}
-    timing["clean_forward_s"] = clean_forward_s(model, batches[0])
-    n_batches = len(batches)
-    with deterministic_gates(model) if gated else nullcontext():
-        t = time.perf_counter()
-        on_attr = counting_progress(f"token attribution ({cfg.method}) of {name}", n_batches, say)
-        scored = attribute_tokens(model, batches, metric=task.metric,
-                                  ig_steps=cfg.ig_steps if cfg.attribution == "eap-ig-inputs" else 1,
-                                  graph=Graph.from_model(model), max_delta_mb=cfg.max_delta_mb, meta=meta,
-                                  on_step=on_attr, gate_gradient=cfg.gate_gradient)
-        timing["attribution_s"] = time.perf_counter() - t
-        curve, refined = sweep_and_refine(
-            lambda sizes, on_step: sweep_tokens(model, batches, metric=task.metric, graph=scored, sizes=sizes,
-                                                selection=cfg.selection, max_delta_mb=cfg.max_delta_mb,
-                                                on_step=on_step),
-            scored.n_real_edges, cfg, name=name, n_batches=n_batches, say=say, timing=timing, prefix="token ")
-        probe = TokenCircuitResult(name, gated, scored, curve, refined, cfg.faithfulness, timing, len(pairs))
-        circuit = select_tokens(scored, probe.chosen.requested, order=selection_order(scored, cfg.selection))
-        assert circuit.n_edges == probe.chosen.edges, (circuit.n_edges, probe.chosen)
-        minimized = None
-        if cfg.minimize and probe.point is not None:
-            from spartan_cli.circuit.discovery import minimize
-            from spartan_cli.circuit.token_patching import evaluate_tokens
-            from spartan_cli.circuit.tokens import prune
-
-            circuit, minimized = minimize(model, batches, task, cfg, scored, circuit, probe.point,
-                                          evaluate=evaluate_tokens, prune=prune, what=f"token circuit of {name}",
-                                          say=say, timing=timing)
-    timing["total_s"] = time.perf_counter() - start
-    return TokenCircuitResult(name=name, gated=gated, graph=circuit, curve=curve, refined=refined,
-                              level=cfg.faithfulness, timing=timing, n_examples=len(pairs), minimized=minimized)
 
 
-__all__ = ["TOKEN_NOTE", "TokenCircuitResult", "check_layout", "find_token_circuit", "paths_by_position"]
+def _attribute(model, batches, *, cfg, metric, meta, gated, on_step) -> TokenGraph:
+    from spartan_cli.circuit.graph import Graph
+    from spartan_cli.circuit.token_patching import attribute_tokens
+
+    return attribute_tokens(model, batches, metric=metric,
+                            ig_steps=cfg.ig_steps if cfg.attribution == "eap-ig-inputs" else 1,
+                            graph=Graph.from_model(model), max_delta_mb=cfg.max_delta_mb, meta=meta,
+                            on_step=on_step, gate_gradient=cfg.gate_gradient)
+
+
+def _sweep(model, batches, **kwargs):
+    from spartan_cli.circuit.token_patching import sweep_tokens
+
+    return sweep_tokens(model, batches, **kwargs)
+
+
+def _select(scored: TokenGraph, requested: int, selection: str) -> TokenGraph:
+    from spartan_cli.circuit.tokens import select_tokens, selection_order
+
+    return select_tokens(scored, requested, order=selection_order(scored, selection))
+
+
+def _evaluate(model, batches, **kwargs):
+    from spartan_cli.circuit.token_patching import evaluate_tokens
+
+    return evaluate_tokens(model, batches, **kwargs)
+
+
+def _prune(graph: TokenGraph, in_graph):
+    from spartan_cli.circuit.tokens import prune
+
+    return prune(graph, in_graph)
+
+
+def _finish(model, batches, found: Found, cfg, say) -> TokenCircuitResult:
+    return TokenCircuitResult(name=found.name, gated=found.gated, graph=found.graph, curve=found.curve,
+                              refined=found.refined, level=found.level, timing=found.timing,
+                              n_examples=found.n_examples, minimized=found.minimized)
+
+
+TOKEN = Level(name="token", prefix="token ", attribute=_attribute, sweep=_sweep, select=_select, evaluate=_evaluate,
+              prune=_prune, finish=_finish, check=_check)
+
+
+def find_token_circuit(model, tokenizer, cfg, *, task, name: str | None = None,
+                       on_progress: Callable | None = None) -> TokenCircuitResult:
+    """``driver.search`` on the token graph (steps 1-4 of the module docstring)."""
+    return search(model, tokenizer, cfg, task=task, level=TOKEN, name=name, on_progress=on_progress)
+
+
+__all__ = ["TOKEN", "TOKEN_NOTE", "TokenCircuitResult", "check_layout", "find_token_circuit", "paths_by_position"]

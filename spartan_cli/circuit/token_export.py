@@ -1,6 +1,6 @@
 """Token-level circuit files: circuit.json, GraphML, DOT, the curve, and a picture over positions.
 
-``circuit.json`` (kind "token_circuit"; ``read_circuit`` reads it back as a TokenCircuitResult)::
+``circuit.json`` (kind "token_circuit"; ``run.read_circuit`` reads it back as a TokenCircuitResult)::
 
     schema_version, spartan_version, kind, command, config, versions
     cfg          {n_layers, n_heads, parallel_attn_mlp, level: "token", n_pos, metric_positions, gated,
@@ -20,22 +20,11 @@ Scores estimate m(edge patched to corrupted) - m(clean), means over prompts per 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from spartan_cli.circuit.graph import SCHEMA_VERSION as CIRCUIT_SCHEMA_VERSION
+from spartan_cli.circuit.files import dot_id, write_files
 
 KV_COLOURS = {"k": "tab:green", "v": "tab:purple", "q": "tab:blue", "": "tab:gray"}
-
-
-def token_circuit_dict(result, *, command: str = "", config: dict | None = None) -> dict:
-    from spartan_cli import __version__
-    from spartan_cli.checkpoint import versions
-    from spartan_cli.report import _finite
-
-    header = {"schema_version": CIRCUIT_SCHEMA_VERSION, "spartan_version": __version__, "kind": "token_circuit",
-              "command": command, "config": config or {}, "versions": versions()}
-    return _finite({**header, **result.to_dict()})
 
 
 def _stage(graph, name: str) -> float:
@@ -62,25 +51,24 @@ def token_graphml_text(graph) -> str:
 
 
 def token_dot_text(graph, *, title: str = "token circuit") -> str:
-    from spartan_cli.circuit.export import _dot_id
     from spartan_cli.circuit.tokens import token_networkx
 
     g = token_networkx(graph)
     peak = max((abs(a["score"]) for _, _, a in g.edges(data=True)), default=1.0) or 1.0
     shape = {"input": "invhouse", "attn": "ellipse", "mlp": "box", "kv": "diamond", "logits": "house"}
-    lines = [f"digraph {_dot_id(title)} {{", "  rankdir=BT;", '  node [style=filled, fontname="Helvetica", '
+    lines = [f"digraph {dot_id(title)} {{", "  rankdir=BT;", '  node [style=filled, fontname="Helvetica", '
              'fontsize=9, fillcolor="#eeeeee"];', '  edge [fontname="Helvetica", fontsize=8];']
     ranks: dict[float, list[str]] = {}
     for name, attrs in g.nodes(data=True):
-        lines.append(f"  {_dot_id(name)} [shape={shape[attrs['kind']]}];")
+        lines.append(f"  {dot_id(name)} [shape={shape[attrs['kind']]}];")
         ranks.setdefault(_stage(graph, name), []).append(name)
     for _, names in sorted(ranks.items()):
-        lines.append("  { rank=same; " + " ".join(_dot_id(x) for x in sorted(names, key=_pos)) + " }")
+        lines.append("  { rank=same; " + " ".join(dot_id(x) for x in sorted(names, key=_pos)) + " }")
     for u, v, a in g.edges(data=True):
         colour = KV_COLOURS[a["qkv"]] if a["type"] == "attn" else ("#1f77b4" if a["score"] <= 0 else "#d62728")
         style = "bold" if a["type"] == "attn" else "solid"
-        lines.append(f"  {_dot_id(u)} -> {_dot_id(v)} [color={_dot_id(colour)}, style={style}, "
-                     f"penwidth={0.5 + 3.5 * abs(a['score']) / peak:.2f}, tooltip={_dot_id(a['label'])}];")
+        lines.append(f"  {dot_id(u)} -> {dot_id(v)} [color={dot_id(colour)}, style={style}, "
+                     f"penwidth={0.5 + 3.5 * abs(a['score']) / peak:.2f}, tooltip={dot_id(a['label'])}];")
     lines.append("}")
     return "\n".join(lines) + "\n"
 
@@ -133,18 +121,7 @@ def plot_token_circuit(graph, path, *, title: str = "token circuit") -> Path:
     return _save(fig, path)
 
 
-def write_token_all(result, out_dir, *, command: str = "", config: dict | None = None) -> list[Path]:
-    """circuit.json, circuit.graphml, circuit.dot, curve.csv, curve.png, circuit.png in ``out_dir``."""
-    from spartan_cli.circuit.export import _write, curve_csv, plot_curves
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    kind = "sparse" if result.gated else "dense"
-    title = f"{kind} {result.name}: {result.graph.meta.get('task')} token circuit"
-    text = json.dumps(token_circuit_dict(result, command=command, config=config)) + "\n"
-    return [_write(out / "circuit.json", text),
-            _write(out / "circuit.graphml", token_graphml_text(result.graph)),
-            _write(out / "circuit.dot", token_dot_text(result.graph, title=title)),
-            _write(out / "curve.csv", curve_csv(result)),
-            plot_curves([result], out / "curve.png", title=title),
-            plot_token_circuit(result.graph, out / "circuit.png", title=title)]
+def write_token_files(result, out_dir, *, command: str = "", config: dict | None = None) -> list[Path]:
+    """circuit.json, circuit.graphml, circuit.dot, curve.csv, curve.png, circuit.png of a TokenCircuitResult."""
+    return write_files(result, out_dir, kind="token_circuit", what="token circuit", graphml=token_graphml_text,
+                       dot=token_dot_text, picture=plot_token_circuit, command=command, config=config)

@@ -38,11 +38,11 @@ from dataclasses import dataclass
 
 import torch
 
-from spartan_cli.circuit.attribute import (DEFAULT_GATE_GRADIENT, DEFAULT_MAX_DELTA_MB, GATE_GRADIENTS, AttributionStep,
-                                           Record)
 from spartan_cli.circuit.contrast import Contrast, Metric, chunks
-from spartan_cli.circuit.faithfulness import Curve, CurvePoint, Evaluation, EvaluationStep, log_grid
+from spartan_cli.circuit.curve import Curve, Evaluation, EvaluationStep, sweep_curve
 from spartan_cli.circuit.graph import Graph
+from spartan_cli.circuit.taps import (DEFAULT_GATE_GRADIENT, DEFAULT_MAX_DELTA_MB, GATE_GRADIENTS, AttributionStep,
+                                      Gradients, Patch, Record)
 from spartan_cli.circuit.tokens import TokenGraph, selection_order, select_tokens
 from spartan_cli.circuit.wiring import Tap, wired
 from spartan_cli.errors import ConfigError
@@ -145,35 +145,17 @@ class CleanEdges(Tap):
         return attention(module, q, k, v, mask, scaling=scaling, **kwargs)[0]
 
 
-class TokenScores(Tap):
-    """A gradient run: residual scores per position at every destination, key and value scores per pair.
+class TokenScores(Gradients):
+    """A gradient run: residual scores per position at every destination (``Gradients`` with a position
+    axis), key and value scores per (query, key) pair from each layer's mixed attention.
 
     ``clean_kv``: the clean run's k and v per layer; filled on the first (clean) step and reused by the
     interpolated ones, so every step multiplies its gradients by the same real differences."""
 
     def __init__(self, graph: Graph, delta, res_scores, attn_scores, corr_kv, clean_kv, edges, *, subtract: bool,
                  input: torch.Tensor | None = None, gate_term: Callable | None = None):
-        self.graph, self.delta, self.res, self.attn = graph, delta, res_scores, attn_scores
-        self.corr_kv, self.clean_kv, self.edges = corr_kv, clean_kv, edges
-        self.subtract, self.input, self.gate_term = subtract, input, gate_term
-
-    def source(self, start, out):
-        if start == 0:
-            out = (out if self.input is None else self.input[:, :, None]).detach().requires_grad_(True)
-        if self.subtract:
-            self.delta[start:start + out.shape[2]] -= out.detach().permute(2, 0, 1, 3)
-        return out
-
-    def destination(self, start, x):
-        prev, n = int(self.graph.n_upstream[start]), x.shape[2]
-        T = x.shape[1]
-
-        def add(grad):  # (rows, pos, n, d_model)
-            self.res[:prev, start:start + n, :T] += torch.einsum(
-                "frtd,rtnd->fnt", self.delta[:prev], grad.to(self.delta.dtype)).float()  # (prev, n, pos)
-
-        x.register_hook(add)
-        return x
+        super().__init__(graph, delta, res_scores, subtract=subtract, input=input, gate_term=gate_term)
+        self.attn, self.corr_kv, self.clean_kv, self.edges = attn_scores, corr_kv, clean_kv, edges
 
     def attend(self, layer, attention, module, q, k, v, mask, *, scaling, **kwargs):
         if layer not in self.clean_kv:
@@ -204,29 +186,15 @@ class TokenScores(Tap):
         return out.z if term is None else out.z + term.to(out.z.dtype)  # term: value 0, gradient into s
 
 
-class TokenPatch(Tap):
-    """Edge patching of one token circuit: ``missing`` (n_forward, n_backward, pos) float residual weights,
-    ``keep`` (n_layers, n_heads, 2, pos_q, pos_k) float attention weights per prompt-independent pair;
-    a pair that is no edge in a prompt keeps this run's k/v."""
+class TokenPatch(Patch):
+    """Edge patching of one token circuit: ``missing`` (n_forward, n_backward, pos) float residual weights
+    (``Patch`` with a position axis), ``kept`` (n_layers, n_heads, 2, pos_q, pos_k) float attention weights
+    per prompt-independent pair; a pair that is no edge in a prompt keeps this run's k/v."""
 
     def __init__(self, graph: Graph, delta, missing, kept, corr_kv, edges):
-        self.graph, self.delta, self.missing, self.kept = graph, delta, missing, kept
-        self.corr_kv, self.edges = corr_kv, edges
-        self.slot_patched = (missing != 0).any(dim=2).any(dim=0).tolist()
+        super().__init__(graph, delta, missing)
+        self.kept, self.corr_kv, self.edges = kept, corr_kv, edges
         self.layer_patched = (kept != 1).flatten(1).any(dim=1).tolist()
-
-    def source(self, start, out):
-        self.delta[start:start + out.shape[2]] -= out.permute(2, 0, 1, 3)
-        return out
-
-    def destination(self, start, x):
-        n = x.shape[2]
-        if not any(self.slot_patched[start:start + n]):
-            return x
-        prev, T = int(self.graph.n_upstream[start]), x.shape[1]
-        weights = self.missing[:prev, start:start + n, :T].to(self.delta.dtype)  # (prev, n, pos)
-        patch = torch.einsum("fnt,frtd->rtnd", weights, self.delta[:prev])  # (rows, pos, n, d_model)
-        return x + patch
 
     def attend(self, layer, attention, module, q, k, v, mask, *, scaling, **kwargs):
         if not self.layer_patched[layer]:
@@ -374,22 +342,11 @@ def sweep_tokens(model, batches: Iterable[Contrast], *, metric: Metric, graph: T
                  on_step: Callable[[EvaluationStep], None] | None = None) -> Curve:
     """Faithfulness of the token circuits selected from ``graph``'s scores at each requested size (default:
     ``log_grid``); circuits that prune to the same edges are evaluated once."""
-    total = graph.n_real_edges
-    sizes = list(sizes) if sizes is not None else log_grid(total)
-    if any(n < 0 for n in sizes):
-        raise ConfigError(f"circuit sizes must be >= 0, got {sorted(sizes)[:3]}")
     order = selection_order(graph, selection)
-    circuits = [select_tokens(graph, n, order=order) for n in sizes]
-    unique: dict[bytes, int] = {}
-    index = [unique.setdefault(c.in_graph.numpy().tobytes(), len(unique)) for c in circuits]
-    distinct = [None] * len(unique)
-    for c, i in zip(circuits, index):
-        distinct[i] = c.in_graph
-    result = evaluate_tokens(model, batches, metric=metric, graph=graph, circuits=distinct,
-                             max_delta_mb=max_delta_mb, on_step=on_step)
-    points = tuple(CurvePoint(n, c.n_edges, c.n_nodes, result.metrics[i], result.faithfulness(result.metrics[i]))
-                   for n, c, i in zip(sizes, circuits, index))
-    return Curve(points, result.clean, result.corrupted, total, selection)
+    return sweep_curve(graph, sizes, selection, select_at=lambda n: select_tokens(graph, n, order=order),
+                       evaluate_with=lambda circuits: evaluate_tokens(model, batches, metric=metric, graph=graph,
+                                                                      circuits=circuits, max_delta_mb=max_delta_mb,
+                                                                      on_step=on_step))
 
 
 __all__ = ["GATE_POLICY", "Attended", "TokenPatch", "TokenScores", "attribute_tokens", "evaluate_tokens",

@@ -66,7 +66,8 @@ def command(model, task, method, ig_steps, gate_gradient, n_examples, batch_size
       spartan circuit runs/addition --level token --compare-base --out runs/addition-tokens
       spartan circuit runs/addition --task addition:operands --compare-base --minimize
     """
-    from spartan_cli.circuit.discovery import CircuitConfig, circuit_run
+    from spartan_cli.circuit.driver import CircuitConfig
+    from spartan_cli.circuit.run import circuit_run
     from spartan_cli.report import make_report, write_report
 
     quiet_loading()
@@ -81,7 +82,8 @@ def command(model, task, method, ig_steps, gate_gradient, n_examples, batch_size
     if out is not None:
         from pathlib import Path
 
-        from spartan_cli.circuit.export import plot_curves, write_all
+        from spartan_cli.circuit.files import plot_curves
+        from spartan_cli.circuit.run import write_all
 
         written = [write_report(report, out, name="report.json")]
         written += write_all(run.model, out, command=command_line(), config=run.config)
