@@ -12,7 +12,7 @@ import json
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 from spartan_cli.distributed import PARALLEL  # torch-free at import
 from spartan_cli.errors import ConfigError
@@ -58,9 +58,24 @@ def _positive(name: str, value, *, allow_zero: bool = False) -> None:
         raise ConfigError(f"{name} must be {bound}, got {value!r}")
 
 
+class Section:
+    """A config section: ``to_dict`` its fields, ``from_dict`` refuses unknown keys, naming the section."""
+
+    where: ClassVar[str] = ""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        return strict_from_dict(cls, d, where=cls.where)
+
+
 @dataclass(frozen=True)
-class GateConfig:
+class GateConfig(Section):
     """How attention gates are computed (docs/method.md, 'Gated attention')."""
+
+    where = "gate"
 
     kind: str = "paper"  # registered gate kind (gates.GATE_KINDS)
     bias: float = 2.0  # b in g_ij = q_i.k_j / sqrt(d_head) + b; fixed, not learned
@@ -72,11 +87,6 @@ class GateConfig:
         if self.kind not in GATE_KINDS:
             raise ConfigError(f"gate kind {self.kind!r} is unknown; choose one of {', '.join(sorted(GATE_KINDS))}")
 
-    to_dict = dataclasses.asdict
-
-    @classmethod
-    def from_dict(cls, d):
-        return strict_from_dict(cls, d, where="gate")
 
 
 REFERENCES = ("heldout", "batch")  # GecoConfig.reference
@@ -84,8 +94,10 @@ CONSTRAINED_GATES = ("sampled", "deterministic")  # GecoConfig.gates
 
 
 @dataclass(frozen=True)
-class GecoConfig:
+class GecoConfig(Section):
     """The GECO multiplier on the sparsity term: loss = CE + beta * R (docs/method.md)."""
+
+    where = "geco"
 
     beta_init: float = 1e-3  # beta at step 0 (sparsity pressure starts near zero)
     beta_min: float = 1e-6  # floor: beta pinned here while CE > target means the target looks infeasible
@@ -134,11 +146,6 @@ class GecoConfig:
         if self.reference not in REFERENCES:
             raise ConfigError(f"geco.reference must be one of {', '.join(REFERENCES)}, got {self.reference!r}")
 
-    to_dict = dataclasses.asdict
-
-    @classmethod
-    def from_dict(cls, d):
-        return strict_from_dict(cls, d, where="geco")
 
 
 TRAINABLE = ("all", "attention")  # which weights train: everything, or the attention projections only
@@ -147,8 +154,10 @@ DTYPES = ("auto", "float32", "bfloat16")
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Section):
     """The optimisation loop around the Lagrangian."""
+
+    where = "train"
 
     steps: int = 1000
     batch_size: int = 8
@@ -182,11 +191,6 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"train.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
 
-    to_dict = dataclasses.asdict
-
-    @classmethod
-    def from_dict(cls, d):
-        return strict_from_dict(cls, d, where="train")
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -223,3 +227,9 @@ def read_config_file(path: str | Path) -> dict:
     return data
 
 
+def check_batching(batch_size: int, max_batches: int | None) -> None:
+    """ConfigError unless batch_size >= 1 and max_batches is None or >= 1."""
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size!r}")
+    if max_batches is not None and max_batches < 1:
+        raise ConfigError(f"max_batches must be >= 1, got {max_batches!r}")

@@ -304,10 +304,9 @@ class DensityConfig:
     trust_remote_code: bool = False
 
     def __post_init__(self):
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size!r}")
-        if self.max_batches is not None and self.max_batches < 1:
-            raise ConfigError(f"max_batches must be >= 1, got {self.max_batches!r}")
+        from spartan_cli.config import check_batching
+
+        check_batching(self.batch_size, self.max_batches)
         if self.prompt is not None and not self.prompt:
             raise ConfigError("--prompt is empty; pass some text")
 

@@ -148,10 +148,9 @@ class EvaluateConfig:
     trust_remote_code: bool = False
 
     def __post_init__(self):
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size!r}")
-        if self.max_batches is not None and self.max_batches < 1:
-            raise ConfigError(f"max_batches must be >= 1, got {self.max_batches!r}")
+        from spartan_cli.config import check_batching
+
+        check_batching(self.batch_size, self.max_batches)
         if self.seq_len is not None and self.seq_len < 2:
             raise ConfigError(f"seq_len must be >= 2, got {self.seq_len!r}")
 
@@ -178,6 +177,20 @@ def load_subject(name: str, *, device=None, trust_remote_code: bool = False) -> 
         return Subject(model=model, tokenizer=tokenizer, name=name, source=str(path.resolve()), meta=meta)
     model, tokenizer, source = load_model(name, device=device, trust_remote_code=trust_remote_code)
     return Subject(model=model, tokenizer=tokenizer, name=name, source=source, meta=None)
+
+
+def load_subject_and_task(cfg, say: Callable[[Progress], None]):
+    """(subject, task, device) for a verb's config (``model``, ``task``, ``device``, ``trust_remote_code``):
+    the task is ``cfg.task``, else the built-in model's own (None if it has none). An unknown task name
+    fails before any loading."""
+    from spartan_cli.tasks import default_task, get_task
+    from spartan_cli.train import resolve_device
+
+    task = get_task(cfg.task) if cfg.task is not None else None
+    device = resolve_device(cfg.device)
+    say(Progress(f"loading {cfg.model}", 0, None))
+    subject = load_subject(cfg.model, device=device, trust_remote_code=cfg.trust_remote_code)
+    return subject, task or default_task(subject.builtin), device
 
 
 def _is_checkpoint(path: Path) -> bool:
@@ -330,15 +343,8 @@ def evaluate_run(cfg: EvaluateConfig, *, on_progress: Callable[[Progress], None]
     """Steps 1-4 of the module docstring."""
     import gc
 
-    from spartan_cli.tasks import default_task, get_task
-    from spartan_cli.train import resolve_device
-
     say = on_progress or (lambda p: log.info(p.stage))
-    task = get_task(cfg.task) if cfg.task is not None else None  # unknown names fail before any loading
-    device = resolve_device(cfg.device)
-    say(Progress(f"loading {cfg.model}", 0, None))
-    subject = load_subject(cfg.model, device=device, trust_remote_code=cfg.trust_remote_code)
-    task = task or default_task(subject.builtin)
+    subject, task, device = load_subject_and_task(cfg, say)
     # built once, with the subject's tokenizer (the base must tokenise identically, load_base checks);
     # a tokenizer that cannot express the task fails here, before any scoring
     task_data = task.build(subject.tokenizer) if task is not None else None

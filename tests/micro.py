@@ -35,7 +35,34 @@ def llama(seed: int = 0):
     return LlamaForCausalLM(cfg).eval()
 
 
-BUILDERS = {"gpt2": gpt2, "neox": neox, "llama": llama}
+def qwen2(seed: int = 0):
+    """Llama-shaped with q/k/v biases."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
+                      intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=64,
+                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    model = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():  # the init zeroes biases; random ones make the bias paths count in parity tests
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0.0, 0.1)
+    return model
+
+
+def mistral(seed: int = 0):
+    """Llama-shaped with a sliding window (wider than every test sequence)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = MistralConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
+                        intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=64, sliding_window=32,
+                        bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return MistralForCausalLM(cfg).eval()
+
+
+BUILDERS = {"gpt2": gpt2, "neox": neox, "llama": llama, "qwen2": qwen2, "mistral": mistral}
 
 
 def logit_difference(logits, batch):
@@ -58,4 +85,6 @@ def contrast(rows: int = 8, pos: int = 8, seed: int = 0, corrupt: tuple[int, ...
 # the module whose input is the concatenation of per-head attention outputs, per architecture
 OUT_PROJ = {"gpt2": lambda m, l: m.transformer.h[l].attn.c_proj,
             "neox": lambda m, l: m.gpt_neox.layers[l].attention.dense,
-            "llama": lambda m, l: m.model.layers[l].self_attn.o_proj}
+            "llama": lambda m, l: m.model.layers[l].self_attn.o_proj,
+            "qwen2": lambda m, l: m.model.layers[l].self_attn.o_proj,
+            "mistral": lambda m, l: m.model.layers[l].self_attn.o_proj}

@@ -4,7 +4,7 @@ import pytest
 
 from spartan_cli.config import GecoConfig
 from spartan_cli.errors import ConfigError
-from spartan_cli.geco import GecoState, geco_update
+from spartan_cli.geco import GecoState, geco_update, tolerance_at
 
 
 def _run(ces, tau, cfg):
@@ -135,3 +135,21 @@ def test_batch_reference_holds_the_step_against_the_dense_model_on_the_same_rows
         GecoConfig(reference="dense")
     with pytest.raises(ConfigError, match="geco.gates"):
         GecoConfig(gates="open")
+
+
+def test_annealed_tolerance_narrows_linearly_to_the_target_by_the_settle_phase():
+    cfg = GecoConfig(tolerance_start=0.1, settle_fraction=0.2)
+    steps, tol = 1000, 0.01
+    assert tolerance_at(0, steps, tol, cfg) == pytest.approx(0.1)
+    assert tolerance_at(400, steps, tol, cfg) == pytest.approx(0.1 + (0.01 - 0.1) * 0.5)
+    assert tolerance_at(800, steps, tol, cfg) == pytest.approx(0.01)  # settle phase starts at step 800
+    assert tolerance_at(999, steps, tol, cfg) == pytest.approx(0.01)
+    values = [tolerance_at(k, steps, tol, cfg) for k in range(0, 1000, 50)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert tolerance_at(0, steps, tol, GecoConfig()) == tol  # no start: the tolerance from step 0
+
+
+def test_negative_tolerance_start_is_refused():
+    with pytest.raises(ConfigError, match="tolerance_start"):
+        GecoConfig(tolerance_start=-0.1)
+

@@ -90,6 +90,19 @@ def lr_at(step: int, s: TrainSettings) -> float:
     return s.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def optimizer_step(model, opt, lr: float, grad_clip: float, **inputs) -> float:
+    """One pretraining step: the learning rate set, the loss of ``model(**inputs)``, its backward, the
+    gradient clipped to ``grad_clip``, the update applied -> the loss."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    loss = model(**inputs).loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    return loss.item()
+
+
 def train(s: TrainSettings):
     """Train a fresh model; returns ``(model, tokenizer, TrainResult)``."""
     from transformers import GPT2LMHeadModel
@@ -119,14 +132,9 @@ def train(s: TrainSettings):
             order, cursor = torch.randperm(len(data), generator=gen), 0
         idx = order[cursor : cursor + s.batch_size]  # (batch,)
         cursor += s.batch_size
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, s)
-        loss = model(input_ids=data.input_ids[idx], labels=data.labels[idx]).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
-        opt.step()
-        loss_avg = loss.item() if math.isnan(loss_avg) else 0.98 * loss_avg + 0.02 * loss.item()
+        loss = optimizer_step(model, opt, lr_at(step, s), s.grad_clip, input_ids=data.input_ids[idx],
+                              labels=data.labels[idx])
+        loss_avg = loss if math.isnan(loss_avg) else 0.98 * loss_avg + 0.02 * loss
         if (step + 1) % s.eval_every == 0 or step + 1 == s.steps:
             log.info(
                 "step %d/%d  loss %.4f  lr %.2e  exact all %.4f  held-out %.4f  (%.0fs)",

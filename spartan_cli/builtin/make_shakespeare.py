@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from spartan_cli.builtin import shakespeare
-from spartan_cli.builtin.make_addition import check_schedule_and_shape
+from spartan_cli.builtin.make_addition import check_schedule_and_shape, optimizer_step
 from spartan_cli.builtin.make_addition import save as save_dir
 from spartan_cli.errors import ConfigError, DataError
 
@@ -156,14 +156,8 @@ def train(s: TrainSettings, texts: Path):
     curve = []
     for step in range(s.steps):
         ids = shakespeare.mixture(train_stream, s.batch_size, gen)  # (batch, pos)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, s)
-        loss = model(input_ids=ids, labels=ids).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
-        opt.step()
-        loss_avg = loss.item() if math.isnan(loss_avg) else 0.98 * loss_avg + 0.02 * loss.item()
+        loss = optimizer_step(model, opt, lr_at(step, s), s.grad_clip, input_ids=ids, labels=ids)
+        loss_avg = loss if math.isnan(loss_avg) else 0.98 * loss_avg + 0.02 * loss
         if (step + 1) % s.eval_every == 0 or step + 1 == s.steps:
             held = heldout_losses(model, heldout_stream)
             seconds = time.perf_counter() - t0

@@ -17,13 +17,11 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-from spartan_cli.circuit.contrast import Contrast, Metric, chunks
+from spartan_cli.circuit.contrast import Contrast, Metric
 from spartan_cli.circuit.curve import Curve, Evaluation, EvaluationStep, sweep_curve
 from spartan_cli.circuit.graph import Graph
 from spartan_cli.circuit.select import select
-from spartan_cli.circuit.taps import DEFAULT_MAX_DELTA_MB, Patch, Record
-from spartan_cli.circuit.wiring import wired
-from spartan_cli.errors import ConfigError
+from spartan_cli.circuit.taps import DEFAULT_MAX_DELTA_MB, Patch, Record, evaluate_patched
 
 
 def evaluate(model, batches: Iterable[Contrast], *, metric: Metric, circuits: Sequence[Graph | torch.Tensor],
@@ -41,27 +39,19 @@ def evaluate(model, batches: Iterable[Contrast], *, metric: Metric, circuits: Se
     param = next(model.parameters())
     d_model = model_shape(model).d_model
     real = graph.real.to(param.device)
-    sums, clean_sum, corrupted_sum, examples = [0.0] * len(circuits), 0.0, 0.0, 0
-    with torch.no_grad(), wired(model, graph) as wiring:
-        for batch in chunks(batches, n_sources=graph.n_forward, d_model=d_model, max_delta_mb=max_delta_mb,
-                            dtype=param.dtype):
-            rows, pos = batch.clean.shape
-            mask = None if batch.attention_mask is None else batch.attention_mask.to(param.device)
-            clean_ids = batch.clean.to(param.device)
-            corrupted = torch.empty(graph.n_forward, rows, pos, d_model, dtype=param.dtype, device=param.device)
-            logits = wiring.run(batch.corrupted.to(param.device), attention_mask=mask, tap=Record(corrupted))
-            corrupted_sum += float(metric(logits, batch)) * rows
-            clean_sum += float(metric(wiring.run(clean_ids, attention_mask=mask), batch)) * rows
-            for i, circuit in enumerate(circuits):
-                in_graph = circuit.in_graph if isinstance(circuit, Graph) else circuit
-                tap = Patch(graph, corrupted.clone(), real & ~in_graph.to(param.device, torch.bool))
-                sums[i] += float(metric(wiring.run(clean_ids, attention_mask=mask, tap=tap), batch)) * rows
-                if on_step is not None:
-                    on_step(EvaluationStep(examples, i + 1, len(circuits)))
-            examples += rows
-    if examples == 0:
-        raise ConfigError("evaluation got no examples; pass at least one non-empty batch")
-    return Evaluation(tuple(s / examples for s in sums), clean_sum / examples, corrupted_sum / examples, examples)
+
+    def prepare(wiring, batch, mask):
+        rows, pos = batch.clean.shape
+        corrupted = torch.empty(graph.n_forward, rows, pos, d_model, dtype=param.dtype, device=param.device)
+        corrupted_logits = wiring.run(batch.corrupted.to(param.device), attention_mask=mask, tap=Record(corrupted))
+        return corrupted, corrupted_logits, wiring.run(batch.clean.to(param.device), attention_mask=mask)
+
+    def patch_for(corrupted, circuit):
+        in_graph = circuit.in_graph if isinstance(circuit, Graph) else circuit
+        return Patch(graph, corrupted.clone(), real & ~in_graph.to(param.device, torch.bool))
+
+    return evaluate_patched(model, batches, metric=metric, graph=graph, circuits=circuits, max_delta_mb=max_delta_mb,
+                            on_step=on_step, prepare=prepare, patch_for=patch_for)
 
 
 class _AllButOne(Sequence):

@@ -88,16 +88,10 @@ def circuit_run(cfg: CircuitConfig, *, on_progress: Callable | None = None) -> C
     import gc
     from dataclasses import replace
 
-    from spartan_cli.evaluate import Progress, base_model_name, load_base, load_subject
-    from spartan_cli.tasks import default_task, get_task
-    from spartan_cli.train import resolve_device
+    from spartan_cli.evaluate import Progress, base_model_name, load_base, load_subject_and_task
 
     say = on_progress or (lambda p: log.info(p.stage))
-    task = get_task(cfg.task) if cfg.task is not None else None  # unknown names fail before any loading
-    device = resolve_device(cfg.device)
-    say(Progress(f"loading {cfg.model}", 0, None))
-    subject = load_subject(cfg.model, device=device, trust_remote_code=cfg.trust_remote_code)
-    task = task or default_task(subject.builtin)
+    subject, task, device = load_subject_and_task(cfg, say)
     if task is None:
         raise ConfigError(f"{cfg.model!r} has no task of its own; pass --task (one of the registered tasks, "
                           "e.g. ioi, greater-than, addition, custom:FILE.jsonl)")

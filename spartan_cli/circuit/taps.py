@@ -18,14 +18,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
+from spartan_cli.circuit.contrast import Contrast, Metric, chunks
+from spartan_cli.circuit.curve import Evaluation, EvaluationStep
 from spartan_cli.circuit.graph import Graph
-from spartan_cli.circuit.wiring import Tap
+from spartan_cli.circuit.wiring import Tap, wired
+from spartan_cli.errors import ConfigError
 
 DEFAULT_MAX_DELTA_MB = 512.0
 
@@ -187,3 +191,36 @@ def _straight_through_term(module, q, k, v, mask, scaling, scores=None) -> torch
 # what the backward passes through deterministic gates: name -> per-layer output term (None: nothing added)
 GATE_GRADIENTS: dict[str, Callable | None] = {"hard": None, "straight-through": _straight_through_term}
 DEFAULT_GATE_GRADIENT = "straight-through"  # measured on the addition checkpoint: CHANGELOG, Decisions
+
+
+def evaluate_patched(model, batches: Iterable[Contrast], *, metric: Metric, graph: Graph, circuits: Sequence,
+                     max_delta_mb: float, on_step: Callable[[EvaluationStep], None] | None,
+                     prepare: Callable[..., tuple[Any, torch.Tensor, torch.Tensor]],
+                     patch_for: Callable[[Any, Any], Tap]) -> Evaluation:
+    """The evaluation loop of either level, per chunk of rows: ``prepare(wiring, batch, mask)`` runs the
+    corrupted and clean forwards -> (state, corrupted logits, clean logits); then per circuit one clean run
+    with ``patch_for(state, circuit)`` (a fresh tap: patching consumes its delta buffer). Means over the
+    examples of m(circuit), m(full) and m(empty). No gradients; the model is wired for the call only."""
+    from spartan_cli.models import model_shape
+
+    param = next(model.parameters())
+    d_model = model_shape(model).d_model
+    sums, clean_sum, corrupted_sum, examples = [0.0] * len(circuits), 0.0, 0.0, 0
+    with torch.no_grad(), wired(model, graph) as wiring:
+        for batch in chunks(batches, n_sources=graph.n_forward, d_model=d_model, max_delta_mb=max_delta_mb,
+                            dtype=param.dtype):
+            rows = batch.clean.shape[0]
+            mask = None if batch.attention_mask is None else batch.attention_mask.to(param.device)
+            state, corrupted_logits, clean_logits = prepare(wiring, batch, mask)
+            corrupted_sum += float(metric(corrupted_logits, batch)) * rows
+            clean_sum += float(metric(clean_logits, batch)) * rows
+            clean_ids = batch.clean.to(param.device)
+            for i, circuit in enumerate(circuits):
+                sums[i] += float(metric(wiring.run(clean_ids, attention_mask=mask, tap=patch_for(state, circuit)),
+                                        batch)) * rows
+                if on_step is not None:
+                    on_step(EvaluationStep(examples, i + 1, len(circuits)))
+            examples += rows
+    if examples == 0:
+        raise ConfigError("evaluation got no examples; pass at least one non-empty batch")
+    return Evaluation(tuple(s / examples for s in sums), clean_sum / examples, corrupted_sum / examples, examples)

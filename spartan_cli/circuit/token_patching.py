@@ -42,7 +42,7 @@ from spartan_cli.circuit.contrast import Contrast, Metric, chunks
 from spartan_cli.circuit.curve import Curve, Evaluation, EvaluationStep, sweep_curve
 from spartan_cli.circuit.graph import Graph
 from spartan_cli.circuit.taps import (DEFAULT_GATE_GRADIENT, DEFAULT_MAX_DELTA_MB, GATE_GRADIENTS, AttributionStep,
-                                      Gradients, Patch, Record)
+                                      Gradients, Patch, Record, evaluate_patched)
 from spartan_cli.circuit.tokens import TokenGraph, selection_order, select_tokens
 from spartan_cli.circuit.wiring import Tap, wired
 from spartan_cli.errors import ConfigError
@@ -311,29 +311,22 @@ def evaluate_tokens(model, batches: Iterable[Contrast], *, metric: Metric, graph
     param = next(model.parameters())
     d_model = model_shape(model).d_model
     component = graph.component
-    sums, clean_sum, corrupted_sum, examples = [0.0] * len(circuits), 0.0, 0.0, 0
-    with torch.no_grad(), wired(model, component) as wiring:
-        for batch in chunks(batches, n_sources=component.n_forward, d_model=d_model, max_delta_mb=max_delta_mb,
-                            dtype=param.dtype):
-            rows, pos = batch.clean.shape
-            if pos > graph.n_pos:
-                raise ConfigError(f"prompts of {pos} positions do not fit a token graph of {graph.n_pos}")
-            corrupted, corr_kv, edges, mask, corrupted_logits, clean_logits = _corrupted_and_clean(
-                wiring, batch, component, param, d_model)
-            corrupted_sum += float(metric(corrupted_logits, batch)) * rows
-            clean_sum += float(metric(clean_logits, batch)) * rows
-            clean_ids = batch.clean.to(param.device)
-            for i, circuit in enumerate(circuits):
-                in_graph = circuit.in_graph if isinstance(circuit, TokenGraph) else circuit
-                missing, kept = graph.masks(in_graph, device=param.device)
-                tap = TokenPatch(component, corrupted.clone(), missing, kept.to(torch.float32), corr_kv, edges)
-                sums[i] += float(metric(wiring.run(clean_ids, attention_mask=mask, tap=tap), batch)) * rows
-                if on_step is not None:
-                    on_step(EvaluationStep(examples, i + 1, len(circuits)))
-            examples += rows
-    if examples == 0:
-        raise ConfigError("evaluation got no examples; pass at least one non-empty batch")
-    return Evaluation(tuple(s / examples for s in sums), clean_sum / examples, corrupted_sum / examples, examples)
+
+    def prepare(wiring, batch, mask):
+        if batch.clean.shape[1] > graph.n_pos:
+            raise ConfigError(f"prompts of {batch.clean.shape[1]} positions do not fit a token graph of {graph.n_pos}")
+        corrupted, corr_kv, edges, _, corrupted_logits, clean_logits = _corrupted_and_clean(
+            wiring, batch, component, param, d_model)
+        return (corrupted, corr_kv, edges), corrupted_logits, clean_logits
+
+    def patch_for(state, circuit):
+        corrupted, corr_kv, edges = state
+        in_graph = circuit.in_graph if isinstance(circuit, TokenGraph) else circuit
+        missing, kept = graph.masks(in_graph, device=param.device)
+        return TokenPatch(component, corrupted.clone(), missing, kept.to(torch.float32), corr_kv, edges)
+
+    return evaluate_patched(model, batches, metric=metric, graph=component, circuits=circuits,
+                            max_delta_mb=max_delta_mb, on_step=on_step, prepare=prepare, patch_for=patch_for)
 
 
 def sweep_tokens(model, batches: Iterable[Contrast], *, metric: Metric, graph: TokenGraph,
