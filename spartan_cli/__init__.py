@@ -15,16 +15,14 @@ attention known to transformers, so ``AutoModelForCausalLM.from_pretrained`` loa
 directory: at once if transformers' model code is already imported, else the moment it is (see
 ``registration``).
 
-``density``, ``evaluate`` and ``export`` are also module names (spartan_cli/density.py, ...). Python binds
-an imported submodule as an attribute of its package, which would replace the function; the package
-refuses that one binding, so ``spartan_cli.density`` stays the function. Reach the modules with
-``from spartan_cli.density import ...`` (or ``sys.modules``), not ``import spartan_cli.density as m``.
+Package layout: ``hf`` (loading, adapters, registration), ``gating`` (gate kinds, the attention paths,
+scopes), ``training`` (GECO, the trainer, runs, checkpoints, presets, processes), ``measure`` (held-out
+CE and density, the evaluate and density verbs, reports, pictures), ``circuit``, ``tasks``, ``builtin``,
+``exports``, ``cli``. No module is named like an API function, so ``spartan_cli.density`` is always the
+function.
 """
 
-import sys as _sys
-import types as _types
-
-from spartan_cli import registration as _registration
+from spartan_cli.hf import registration as _registration
 
 __version__ = "0.1.0"
 
@@ -33,22 +31,10 @@ __all__ = ["__version__", "density", "evaluate", "export", "find_circuit", "load
 _registration.install()
 
 
-class _Package(_types.ModuleType):
-    """This package's module type: an API function keeps its name when a same-named submodule is imported."""
-
-    def __setattr__(self, name, value):
-        if name in __all__ and isinstance(value, _types.ModuleType):
-            return  # importlib's setattr(package, submodule_name, submodule): the function stays
-        super().__setattr__(name, value)
-
-
-_sys.modules[__name__].__class__ = _Package
-
-
 def load(path, **kwargs):
     """Load a spartan checkpoint directory -> (gated model in eval mode, tokenizer). See checkpoint.load
     (keywords ``device``, ``dtype``)."""
-    from spartan_cli.checkpoint import load as _load
+    from spartan_cli.training.checkpoint import load as _load
 
     return _load(path, **kwargs)
 
@@ -65,13 +51,13 @@ def sparsify(model, data=None, cfg=None, *, out=None, config=None, resume: bool 
     cfg)`` (a gated model, Splits, SparsifyConfig) -> (SparsifyResult, TrainerState).
     """
     if not isinstance(model, str):
-        from spartan_cli.train import sparsify as _train
+        from spartan_cli.training.train import sparsify as _train
 
         return _train(model, data, cfg, on_step=on_step, should_stop=should_stop, resume=resume or None,
                       **sections)
     from spartan_cli.config import read_config_file
-    from spartan_cli.presets import preset_for
-    from spartan_cli.run import RunConfig, merge, run_sparsify
+    from spartan_cli.training.presets import preset_for
+    from spartan_cli.training.run import RunConfig, merge, run_sparsify
 
     given = dict(sections)
     if data is not None:
@@ -91,7 +77,7 @@ def sparsify(model, data=None, cfg=None, *, out=None, config=None, resume: bool 
 def evaluate(model: str, **settings):
     """``spartan evaluate MODEL``: CE, perplexity, density and task metrics beside the base model ->
     evaluate.EvaluateRun. ``settings``: the fields of evaluate.EvaluateConfig (data, task, baseline, ...)."""
-    from spartan_cli.evaluate import EvaluateConfig, evaluate_run
+    from spartan_cli.measure.evaluate import evaluate_run, EvaluateConfig
 
     on_progress = settings.pop("on_progress", None)
     return evaluate_run(EvaluateConfig.from_dict({"model": str(model), **settings}), on_progress=on_progress)
@@ -100,7 +86,7 @@ def evaluate(model: str, **settings):
 def density(model: str, **settings):
     """``spartan density MODEL``: density overall/per layer/per head, keys per query, prompt attention ->
     density.DensityRun. ``settings``: the fields of density.DensityConfig (data, prompt, max_batches, ...)."""
-    from spartan_cli.density import DensityConfig, density_run
+    from spartan_cli.measure.density import DensityConfig, density_run
 
     on_progress = settings.pop("on_progress", None)
     return density_run(DensityConfig.from_dict({"model": str(model), **settings}), on_progress=on_progress)
@@ -119,6 +105,6 @@ def find_circuit(model: str, **settings):
 def export(source, *, format: str, out, **settings):
     """``spartan export SOURCE --format F --out OUT`` -> export.ExportResult. ``settings``: the other
     fields of export.ExportConfig (prompt, data, overwrite, ...)."""
-    from spartan_cli.export import ExportConfig, export as _export
+    from spartan_cli.exports import ExportConfig, export as _export
 
     return _export(ExportConfig.from_dict({"source": str(source), "format": format, "out": str(out), **settings}))

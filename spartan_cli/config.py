@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
-from spartan_cli.distributed import PARALLEL  # torch-free at import
+from spartan_cli.training.distributed import PARALLEL  # torch-free at import
 from spartan_cli.errors import ConfigError
 
 
@@ -81,7 +81,7 @@ class GateConfig(Section):
     bias: float = 2.0  # b in g_ij = q_i.k_j / sqrt(d_head) + b; fixed, not learned
 
     def __post_init__(self):
-        from spartan_cli.gates import GATE_KINDS
+        from spartan_cli.gating.gates import GATE_KINDS
 
         check_types(self, "gate")
         if self.kind not in GATE_KINDS:

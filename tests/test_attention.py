@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from spartan_cli.attention import attach_gates, gate_states
+from spartan_cli.gating.attention import attach_gates, gate_states
 from spartan_cli.config import GateConfig
 from spartan_cli.errors import ModelError
-from spartan_cli.gates import gate_kind
-from spartan_cli.scopes import gates_open, heads_shut, recording
+from spartan_cli.gating.gates import gate_kind
+from spartan_cli.gating.scopes import gates_open, heads_shut, recording
 from tests.micro import BUILDERS, OUT_PROJ, VOCAB
 
 ARCHS = sorted(BUILDERS)
@@ -139,9 +139,9 @@ def test_unsupported_architecture_names_supported_ones():
 
 from types import SimpleNamespace  # noqa: E402
 
-from spartan_cli import attention_fused  # noqa: E402
-from spartan_cli.attention import ATTENTION_PATHS, GateState, allowed_mask, choose_path  # noqa: E402
-from spartan_cli.attention_chunked import rows_per_chunk  # noqa: E402
+from spartan_cli.gating import fused as attention_fused  # noqa: E402
+from spartan_cli.gating.attention import ATTENTION_PATHS, GateState, allowed_mask, choose_path  # noqa: E402
+from spartan_cli.gating.chunked import rows_per_chunk  # noqa: E402
 
 B, H, T, D = 2, 3, 11, 4
 CHUNK_ROWS = 3
@@ -285,7 +285,7 @@ def test_training_with_a_fixed_seed_matches_the_autograd_reference(monkeypatch):
     whether attention runs the fused path or the autograd reference: the same noise, the same maths."""
     from spartan_cli.blocks import Splits, TokenBlocks
     from spartan_cli.config import TrainConfig
-    from spartan_cli.train import SparsifyConfig, sparsify
+    from spartan_cli.training.train import SparsifyConfig, sparsify
 
     x = torch.randint(0, VOCAB, (12, 16), generator=torch.Generator().manual_seed(0))
     data = Splits(TokenBlocks(x[:8], x[:8].clone()), TokenBlocks(x[8:], x[8:].clone()))

@@ -54,7 +54,7 @@ def test_shipped_model_is_a_plain_gpt2_with_its_tokenizer(shipped):
 
 
 def test_shipped_model_predicts_heldout_text_and_copies(shipped):
-    from spartan_cli.measure import measure
+    from spartan_cli.measure.heldout import measure
 
     model, _ = shipped
     text = measure(model, shakespeare.text_blocks(64), batch_size=32).ce
@@ -88,9 +88,9 @@ def test_induction_metric_sign_and_the_full_and_empty_circuits(shipped):
 
 
 def test_gates_open_reproduce_the_dense_model(shipped):
-    from spartan_cli.attention import attach_gates
+    from spartan_cli.gating.attention import attach_gates
     from spartan_cli.config import GateConfig
-    from spartan_cli.scopes import gates_open
+    from spartan_cli.gating.scopes import gates_open
 
     dense, _ = shakespeare.load_model()
     ids = shakespeare.text_blocks(2).input_ids
@@ -116,7 +116,7 @@ def test_preset_sparsify_runs_a_few_steps(tmp_path, capsys):
     assert {"ce_text", "induction_logit_diff", "induction_top1"} <= set(summary)
     run = json.loads((out / "spartan.json").read_text())
     assert run["base_model"] == "builtin:shakespeare"
-    from spartan_cli.presets import PRESETS
+    from spartan_cli.training.presets import PRESETS
 
     assert run["gate"]["bias"] == PRESETS["shakespeare"]["gate"]["bias"]  # the preset was applied
     code, _, stderr = run_cli(["sparsify", "shakespeare", "--data", "x.txt", "--out", str(tmp_path / "r2")], capsys)

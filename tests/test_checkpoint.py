@@ -3,12 +3,12 @@ import json
 import pytest
 import torch
 
-from spartan_cli import checkpoint
-from spartan_cli.attention import attach_gates
+from spartan_cli.training import checkpoint
+from spartan_cli.gating.attention import attach_gates
 from spartan_cli.blocks import Splits, TokenBlocks
 from spartan_cli.config import GateConfig, TrainConfig
 from spartan_cli.errors import CheckpointError
-from spartan_cli.train import SparsifyConfig, sparsify
+from spartan_cli.training.train import SparsifyConfig, sparsify
 from tests.micro import BUILDERS, VOCAB
 
 

@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from spartan_cli import checkpoint
-from spartan_cli.attention import attach_gates
+from spartan_cli.training import checkpoint
+from spartan_cli.gating.attention import attach_gates
 from spartan_cli.circuit import ContrastBatch, Curve, CurvePoint, evaluate
 from spartan_cli.circuit.curve import refine_sizes
 from spartan_cli.circuit.driver import METHOD_NAMES, CircuitConfig
@@ -19,7 +19,7 @@ from spartan_cli.circuit.run import find_circuit, read_circuit
 from spartan_cli.cli.main import main
 from spartan_cli.config import GateConfig
 from spartan_cli.errors import ConfigError
-from spartan_cli.scopes import deterministic_gates
+from spartan_cli.gating.scopes import deterministic_gates
 from spartan_cli.tasks import Task, get_task
 from tests.micro import BUILDERS, VOCAB
 
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run 
 
 def gated_addition(out, *, bias: float):
     """A spartan checkpoint of the built-in addition model with untrained gates at ``bias``."""
-    from spartan_cli.models import load_model
+    from spartan_cli.hf.models import load_model
 
     model, tok, source = load_model("addition")
     gate = GateConfig(bias=bias)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spartan_cli.attention import attach_gates
+from spartan_cli.gating.attention import attach_gates
 from spartan_cli.circuit import ContrastBatch, Graph, attribute
 from spartan_cli.config import GateConfig
 from tests.micro import VOCAB, contrast

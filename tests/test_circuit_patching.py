@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from spartan_cli.attention import attach_gates
+from spartan_cli.gating.attention import attach_gates
 from spartan_cli.circuit import (Curve, CurvePoint, Graph, Tap, attribute, evaluate, faithfulness, select, sweep,
                                  wired)
 from spartan_cli.circuit.taps import Patch, Record
@@ -168,9 +168,9 @@ def test_unpatched_gradient_run_gives_every_copy_its_own_gradient(arch):
 def test_straight_through_gates_keep_the_forward_and_pass_the_sigmoid_gradient():
     """gate_gradient="straight-through": a gated layer's output keeps its value bit for bit, and its gradient
     is that of A = P * (1[g > 0] + s - s.detach()), s = sigmoid(g), written out by hand."""
-    from spartan_cli.attention import STATE_ATTR, gated_attention_forward
+    from spartan_cli.gating.attention import STATE_ATTR, gated_attention_forward
     from spartan_cli.circuit.taps import GATE_GRADIENTS, Gradients
-    from spartan_cli.models import adapter_for
+    from spartan_cli.hf.models import adapter_for
 
     model = attach_gates(BUILDERS["gpt2"](), GateConfig(bias=0.0)).double()
     module = adapter_for(model).attention_modules(model)[0]

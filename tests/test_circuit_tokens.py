@@ -10,7 +10,7 @@ import networkx as nx
 import pytest
 import torch
 
-from spartan_cli.attention import attach_gates, gate_states
+from spartan_cli.gating.attention import attach_gates, gate_states
 from spartan_cli.circuit import ContrastBatch, Graph, evaluate, wired
 from spartan_cli.circuit.driver import CircuitConfig
 from spartan_cli.circuit.run import find_circuit, read_circuit, write_all
@@ -19,7 +19,7 @@ from spartan_cli.circuit.token_patching import (TokenPatch, _corrupted_and_clean
 from spartan_cli.circuit.tokens import TokenGraph, prune, select_tokens, selection_order, token_networkx
 from spartan_cli.config import GateConfig
 from spartan_cli.errors import ConfigError, TaskError
-from spartan_cli.scopes import keeping_gate_logits
+from spartan_cli.gating.scopes import keeping_gate_logits
 from spartan_cli.tasks import Task
 from tests.micro import BUILDERS, contrast, logit_difference
 
@@ -105,7 +105,7 @@ def test_value_patch_changes_the_head_output_by_exactly_a_times_the_value_differ
     q, k, v, v_alt = (torch.randn(B, H, T, D, generator=g, dtype=torch.float64) for _ in range(4))
     model = _model("gpt2", gated=True, bias=0.0)
     module = model.transformer.h[0].attn
-    from spartan_cli.attention import gated_attention_forward
+    from spartan_cli.gating.attention import gated_attention_forward
 
     base = mixed_attention(module, gated_attention_forward, q, k, v, None, scaling=0.5)
     b, h, i = 1, 2, 4
@@ -384,9 +384,9 @@ def test_spartan_export_reads_a_token_circuit(tmp_path, capsys):
 def test_cli_token_level_compare_base(tmp_path, capsys):
     """`spartan circuit CKPT --level token --compare-base --json` on a gated built-in addition model: both
     models report token edges, the ratio is base / sparse, and the files are token files."""
-    from spartan_cli import checkpoint
+    from spartan_cli.training import checkpoint
     from spartan_cli.cli.main import main
-    from spartan_cli.models import load_model
+    from spartan_cli.hf.models import load_model
 
     model, tok, source = load_model("addition")
     gate = GateConfig(bias=1.0)

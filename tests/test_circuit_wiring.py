@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from spartan_cli.attention import attach_gates
+from spartan_cli.gating.attention import attach_gates
 from spartan_cli.circuit import Graph, Tap, wired
 from spartan_cli.config import GateConfig
 from spartan_cli.errors import ModelError

@@ -146,8 +146,8 @@ CASES = {
 @pytest.fixture(scope="module")
 def places(tmp_path_factory, tiny_gpt2_dir, tiny_text_file):
     """Paths the cases name: a model, a text, a file, an empty folder, a busy folder, broken configs, a checkpoint."""
-    from spartan_cli import checkpoint
-    from spartan_cli.attention import attach_gates
+    from spartan_cli.training import checkpoint
+    from spartan_cli.gating.attention import attach_gates
     from spartan_cli.config import GateConfig
 
     root = tmp_path_factory.mktemp("fuzz")

@@ -5,13 +5,13 @@ import json
 import pytest
 import torch
 
-from spartan_cli import checkpoint
-from spartan_cli.attention import attach_gates
+from spartan_cli.training import checkpoint
+from spartan_cli.gating.attention import attach_gates
 from spartan_cli.blocks import TokenBlocks
 from spartan_cli.cli.main import main
 from spartan_cli.config import GateConfig
-from spartan_cli.density import DensityResult, density, prompt_attention
-from spartan_cli.scopes import keeping_gate_logits
+from spartan_cli.measure.density import DensityResult, density, prompt_attention
+from spartan_cli.gating.scopes import keeping_gate_logits
 from tests.micro import VOCAB, gpt2
 
 SEQ_LEN = 32
@@ -80,7 +80,8 @@ def test_density_equals_recount_from_q_and_k():
 
 def test_spartan_density_json_equals_recount_from_raw_gate_logits(ckpt, capsys):
     """The acceptance check: `spartan density CKPT --json` against a recount from the raw g of every layer."""
-    from spartan_cli.evaluate import eval_data, load_subject
+    from spartan_cli.hf.subjects import load_subject
+    from spartan_cli.measure.evaluate import eval_data
 
     main(["density", str(ckpt), "--json", "-q"])
     report = json.loads(capsys.readouterr().out)
@@ -135,7 +136,7 @@ def test_result_round_trips_through_json():
 def test_prompt_weights_are_pattern_times_gates(tiny_gpt2_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from spartan_cli.density import dense_pattern
+    from spartan_cli.measure.density import dense_pattern
 
     model = attach_gates(AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).eval(), GateConfig(bias=0.0))
     tok = AutoTokenizer.from_pretrained(tiny_gpt2_dir)

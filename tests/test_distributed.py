@@ -15,9 +15,9 @@ import sys
 import pytest
 import torch
 
-from spartan_cli import distributed
+from spartan_cli.training import distributed
 from spartan_cli.errors import ConfigError
-from spartan_cli.gates import gate_kind
+from spartan_cli.gating.gates import gate_kind
 
 
 def test_local_rows_partition_the_global_batch():
@@ -102,7 +102,7 @@ def test_fsdp_checkpoint_is_the_unsharded_models(group_of_one, tmp_path):
     """A sharded model's gathered weights, written by checkpoint.save, are the plain model's file."""
     from safetensors.torch import load_file
 
-    from spartan_cli import checkpoint
+    from spartan_cli.training import checkpoint
 
     plain, twin = _sharded_twin(group_of_one)
     assert type(twin.transformer.h[0].attn.c_attn.weight).__name__ == "DTensor"

@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
-from spartan_cli import checkpoint
-from spartan_cli.attention import attach_gates
+from spartan_cli.training import checkpoint
+from spartan_cli.gating.attention import attach_gates
 from spartan_cli.cli.main import main
 from spartan_cli.config import GateConfig
 from spartan_cli.errors import TaskError
-from spartan_cli.measure import measure
+from spartan_cli.measure.heldout import measure
 from spartan_cli.tasks import TASKS, TaskData, default_task, get_task
 
 SEQ_LEN = 32
@@ -49,7 +49,8 @@ def ckpt(tmp_path, tiny_gpt2_dir, tiny_text_file):
 
 
 def test_checkpoint_beside_its_base(ckpt, tiny_gpt2_dir, capsys):
-    from spartan_cli.evaluate import eval_data, load_subject
+    from spartan_cli.hf.subjects import load_subject
+    from spartan_cli.measure.evaluate import eval_data
 
     report = run_json(["evaluate", str(ckpt)], capsys)
     subject = load_subject(str(ckpt))

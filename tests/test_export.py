@@ -17,12 +17,12 @@ import pytest
 import torch
 
 import spartan_cli
-from spartan_cli import checkpoint
-from spartan_cli.attention import attach_gates
+from spartan_cli.training import checkpoint
+from spartan_cli.gating.attention import attach_gates
 from spartan_cli.cli.main import main
 from spartan_cli.config import GateConfig
-from spartan_cli.export import FORMATS, ExportConfig, export
-from spartan_cli.scopes import gates_open, no_dropout
+from spartan_cli.exports import FORMATS, ExportConfig, export
+from spartan_cli.gating.scopes import gates_open, no_dropout
 
 SEQ_LEN = 16
 
@@ -132,7 +132,7 @@ def test_import_spartan_cli_imports_neither_torch_nor_transformers():
     code = ("import sys, spartan_cli\nfrom spartan_cli.cli.main import main\n"
             "try:\n    main(['export', '--help'])\nexcept SystemExit:\n    pass\n"
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'\n"
-            "from spartan_cli.registration import _RegisterOnImport\n"
+            "from spartan_cli.hf.registration import _RegisterOnImport\n"
             "assert isinstance(sys.meta_path[0], _RegisterOnImport), 'registration hook not installed'\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -141,8 +141,9 @@ def test_import_spartan_cli_imports_neither_torch_nor_transformers():
 
 
 def test_masks_are_the_open_gates_the_forward_counts(ckpt, tmp_path):
-    from spartan_cli.evaluate import eval_data, load_subject
-    from spartan_cli.measure import measure
+    from spartan_cli.hf.subjects import load_subject
+    from spartan_cli.measure.evaluate import eval_data
+    from spartan_cli.measure.heldout import measure
 
     out = tmp_path / "masks.jsonl"
     result = export(ExportConfig(source=str(ckpt), format="masks", out=str(out), batch_size=3))

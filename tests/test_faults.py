@@ -25,8 +25,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from spartan_cli import checkpoint
-from spartan_cli.attention import ATTENTION_PATHS, attach_gates
+from spartan_cli.training import checkpoint
+from spartan_cli.gating.attention import ATTENTION_PATHS, attach_gates
 from spartan_cli.cli.main import main
 from spartan_cli.config import GateConfig
 from spartan_cli.errors import CheckpointError
@@ -291,8 +291,8 @@ def test_disk_full_at_any_write_of_a_save_leaves_the_previous_checkpoint(tmp_pat
 
 def _tiny_trainer_state():
     from spartan_cli.config import GecoConfig
-    from spartan_cli.geco import GecoState
-    from spartan_cli.train import TrainerState
+    from spartan_cli.training.geco import GecoState
+    from spartan_cli.training.train import TrainerState
 
     return TrainerState(step=2, geco=GecoState.initial(GecoConfig()), tau=1.0, base_ce=1.0, step0_density=0.5,
                         optimizer={"state": {}, "param_groups": []}, rng={"torch": torch.get_rng_state()})

@@ -4,7 +4,7 @@ import pytest
 
 from spartan_cli.config import GecoConfig
 from spartan_cli.errors import ConfigError
-from spartan_cli.geco import GecoState, geco_update, tolerance_at
+from spartan_cli.training.geco import GecoState, geco_update, tolerance_at
 
 
 def _run(ces, tau, cfg):
@@ -90,11 +90,11 @@ def test_batch_reference_holds_the_step_against_the_dense_model_on_the_same_rows
 
     import torch
 
-    from spartan_cli.attention import attach_gates
+    from spartan_cli.gating.attention import attach_gates
     from spartan_cli.blocks import Splits, TokenBlocks
     from spartan_cli.config import GateConfig, TrainConfig
     from spartan_cli.errors import SpartanError
-    from spartan_cli.train import SparsifyConfig, _micro_batch, sparsify
+    from spartan_cli.training.train import SparsifyConfig, _micro_batch, sparsify
     from tests.micro import BUILDERS, VOCAB
 
     g = torch.Generator().manual_seed(0)
@@ -118,7 +118,7 @@ def test_batch_reference_holds_the_step_against_the_dense_model_on_the_same_rows
     with pytest.raises(SpartanError, match="reference"):
         sparsify(model, data, cfg)
     # geco.gates "deterministic": the constraint reads a no-grad forward of the same rows with 1[g > 0]
-    from spartan_cli.scopes import deterministic_gates
+    from spartan_cli.gating.scopes import deterministic_gates
 
     fresh = attach_gates(copy.deepcopy(reference).requires_grad_(True), GateConfig(bias=1.0))
     with torch.no_grad(), deterministic_gates(fresh):

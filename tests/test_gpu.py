@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from spartan_cli.attention import attach_gates
+from spartan_cli.gating.attention import attach_gates
 from spartan_cli.blocks import Splits, TokenBlocks
 from spartan_cli.config import TrainConfig
-from spartan_cli.scopes import gates_open
-from spartan_cli.train import SparsifyConfig, sparsify
+from spartan_cli.gating.scopes import gates_open
+from spartan_cli.training.train import SparsifyConfig, sparsify
 from tests.micro import BUILDERS, VOCAB
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from spartan_cli.attention import attach_gates
-from spartan_cli.scopes import gates_open
+from spartan_cli.gating.attention import attach_gates
+from spartan_cli.gating.scopes import gates_open
 from tests.test_cli_sparsify import run_cli
 
 pytestmark = pytest.mark.real

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from spartan_cli import __version__
-from spartan_cli.report import SCHEMA_VERSION, Report, ReportError, make_report, read_report, write_report
+from spartan_cli.measure.report import SCHEMA_VERSION, Report, ReportError, make_report, read_report, write_report
 
 
 def _report(**metrics):
@@ -64,7 +64,7 @@ def test_metric_keys_may_not_shadow_the_header():
 
 
 def test_evaluate_result_round_trips():
-    from spartan_cli.evaluate import EvalResult, Scores
+    from spartan_cli.measure.evaluate import EvalResult, Scores
     from spartan_cli.tasks import TaskMetric, TaskResult
 
     task = TaskResult("addition", (TaskMetric("accuracy", 0.5, 10, "exact match", "fraction"),))

@@ -148,7 +148,7 @@ def task_metrics(model) -> dict:
     task's logit difference and top-1 copy rate (64 prompts, half length 16)."""
     from transformers import AutoTokenizer
 
-    from spartan_cli.measure import measure
+    from spartan_cli.measure.heldout import measure
     from spartan_cli.tasks.induction import InductionTask
 
     text = measure(model, text_blocks(), batch_size=32)

@@ -119,7 +119,7 @@ ANATOMIES: dict[str, Anatomy] = {
 
 
 def anatomy_for(model) -> Anatomy:
-    from spartan_cli.models import adapter_for
+    from spartan_cli.hf.models import adapter_for
 
     shape = adapter_for(model).shape
     try:
@@ -134,7 +134,7 @@ def parallel_attn_mlp(model) -> bool:
 
 
 def block_parts(model) -> list[BlockParts]:
-    from spartan_cli.models import adapter_for
+    from spartan_cli.hf.models import adapter_for
 
     anatomy = anatomy_for(model)
     return [anatomy.parts(block, model.config) for block in adapter_for(model).blocks(model)]

@@ -35,7 +35,7 @@ from spartan_cli.errors import ConfigError
 
 def _gradient_scores(model, batches, *, metric, graph, ig_steps, max_delta_mb, on_step, method,
                      gate_gradient) -> Graph:
-    from spartan_cli.models import model_shape
+    from spartan_cli.hf.models import model_shape
 
     param = next(model.parameters())
     d_model = model_shape(model).d_model
@@ -66,7 +66,7 @@ def _gradient_scores(model, batches, *, metric, graph, ig_steps, max_delta_mb, o
                 on_step(AttributionStep(method, examples))
     if examples == 0:
         raise ConfigError("attribution got no examples; pass at least one non-empty batch")
-    from spartan_cli.evaluate import is_gated
+    from spartan_cli.gating.attention import is_gated
 
     gated = is_gated(model)
     return graph.with_scores(scores.cpu() / examples, method=method, ig_steps=ig_steps, n_examples=examples,

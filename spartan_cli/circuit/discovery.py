@@ -132,8 +132,8 @@ def attention_edges(model, batches, circuit: Graph) -> AttentionEdges:
     Gated models: open deterministic gates (g > 0) on allowed pairs; dense models: every allowed pair."""
     import torch
 
-    from spartan_cli.evaluate import is_gated
-    from spartan_cli.scopes import evaluating, keeping_gate_logits
+    from spartan_cli.gating.attention import is_gated
+    from spartan_cli.gating.scopes import evaluating, keeping_gate_logits
 
     inside = torch.zeros(circuit.n_layers, circuit.n_heads, dtype=torch.bool)  # (n_layers, n_heads)
     for node in circuit.nodes():
@@ -178,7 +178,7 @@ def _attribute(model, batches, *, cfg, metric, meta, gated, on_step) -> Graph:
 
 
 def _finish(model, batches, found: Found, cfg, say) -> CircuitResult:
-    from spartan_cli.evaluate import Progress
+    from spartan_cli.progress import Progress
 
     say(Progress(f"attention edges of {found.name}", 0, None))
     attention = attention_edges(model, batches, found.graph)

@@ -172,7 +172,7 @@ def clean_forward_s(model, batch) -> float:
 
     import torch
 
-    from spartan_cli.scopes import evaluating
+    from spartan_cli.gating.scopes import evaluating
 
     device = next(model.parameters()).device
     with torch.no_grad(), evaluating(model):
@@ -184,7 +184,7 @@ def clean_forward_s(model, batch) -> float:
 
 def counting_progress(stage: str, total: int, say: Callable) -> Callable:
     """Announce ``stage`` at 0 of ``total`` steps; returns an ``on_step`` callback that counts one per call."""
-    from spartan_cli.evaluate import Progress
+    from spartan_cli.progress import Progress
 
     say(Progress(stage, 0, total))
     done = [0]
@@ -203,7 +203,7 @@ def sweep_and_refine(sweep_at: Callable, total_edges: int, cfg: CircuitConfig, *
     (``faithfulness.sweep`` or ``token_patching.sweep_tokens`` bound to the model); ``prefix`` starts the
     progress stages ("token "). Times go to ``timing`` (sweep_s, refine_s). Returns (grid curve, refined curve)."""
     from spartan_cli.circuit.curve import log_grid
-    from spartan_cli.evaluate import Progress
+    from spartan_cli.progress import Progress
 
     def run(sizes, label):
         stage = f"{prefix}{label} of {name} ({len(sizes)} sizes x {n_batches} batches)"
@@ -237,7 +237,7 @@ def minimize(model, batches, task, cfg: CircuitConfig, scored, circuit, point: C
     ``point``) with that graph type's ``evaluate`` and ``prune``, progress per pass, timed into ``timing``.
     Returns (circuit, its point)."""
     from spartan_cli.circuit.curve import eliminate
-    from spartan_cli.evaluate import Progress
+    from spartan_cli.progress import Progress
 
     t = time.perf_counter()
     stage = f"minimizing the {what} (one evaluation per edge)"
@@ -292,8 +292,8 @@ def search(model, tokenizer, cfg: CircuitConfig, *, task, level: Level, name: st
            on_progress: Callable | None = None):
     """Steps 1-6 of the module docstring for one model -> the level's result. ``on_progress`` takes
     evaluate.Progress records."""
-    from spartan_cli.evaluate import is_gated
-    from spartan_cli.scopes import deterministic_gates
+    from spartan_cli.gating.attention import is_gated
+    from spartan_cli.gating.scopes import deterministic_gates
 
     level.check(cfg, task)
     name = name or cfg.model

@@ -107,7 +107,7 @@ def plot_circuit(graph, path, *, title: str = "circuit") -> Path:
     drawn solid; dotted edges are those whose corruption raises the metric."""
     from matplotlib.collections import LineCollection
 
-    from spartan_cli.plots import _figure, _save
+    from spartan_cli.measure.plots import _figure, _save
 
     pos = layout(graph)
     nodes = graph.nodes()

@@ -32,7 +32,7 @@ def evaluate(model, batches: Iterable[Contrast], *, metric: Metric, circuits: Se
     A circuit is a Graph or an ``in_graph`` (n_forward, n_backward) bool tensor of ``graph`` (default: the
     first circuit's graph, else the model's). Circuits are read one at a time, so a lazy sequence keeps
     memory flat. No gradients; the model is wired for the call only."""
-    from spartan_cli.models import model_shape
+    from spartan_cli.hf.models import model_shape
 
     if graph is None:
         graph = circuits[0] if circuits and isinstance(circuits[0], Graph) else Graph.from_model(model)

@@ -22,7 +22,7 @@ CURVE_FIELDS = ("requested", "edges", "nodes", "metric", "faithfulness", "runnin
 
 def write_text(path: Path, text: str) -> Path:
     """``text`` into ``path`` atomically (a temp file, then os.replace), its folder made."""
-    from spartan_cli.checkpoint import atomic_write_text
+    from spartan_cli.training.checkpoint import atomic_write_text
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -49,7 +49,7 @@ def curve_csv(result) -> str:
 def plot_curves(results, path, *, title: str = "faithfulness against circuit size") -> Path:
     """F against post-prune edges (log x) for each result (either level), the level as a dashed line and the
     circuit each reports marked."""
-    from spartan_cli.plots import _figure, _save
+    from spartan_cli.measure.plots import _figure, _save
 
     fig = _figure(6.4, 4.2)
     ax = fig.add_subplot()
@@ -78,8 +78,8 @@ def result_dict(result, *, kind: str, command: str = "", config: dict | None = N
     """circuit.json's object: the envelope (schema_version, spartan_version, ``kind``, command, config,
     versions), then ``result.to_dict()``; non-finite floats become null."""
     from spartan_cli import __version__
-    from spartan_cli.checkpoint import versions
-    from spartan_cli.report import _finite
+    from spartan_cli.training.checkpoint import versions
+    from spartan_cli.measure.report import _finite
 
     header = {"schema_version": CIRCUIT_SCHEMA_VERSION, "spartan_version": __version__, "kind": kind,
               "command": command, "config": config or {}, "versions": versions()}

@@ -104,7 +104,7 @@ class Graph:
         from types import SimpleNamespace
 
         from spartan_cli.circuit.anatomy import parallel_attn_mlp
-        from spartan_cli.models import model_shape
+        from spartan_cli.hf.models import model_shape
 
         config_only = SimpleNamespace(config=config)  # the shape helpers read nothing but ``.config``
         shape = model_shape(config_only)

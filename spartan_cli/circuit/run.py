@@ -88,7 +88,9 @@ def circuit_run(cfg: CircuitConfig, *, on_progress: Callable | None = None) -> C
     import gc
     from dataclasses import replace
 
-    from spartan_cli.evaluate import Progress, base_model_name, load_base, load_subject_and_task
+    from spartan_cli.hf.subjects import base_model_name, load_base, load_subject_and_task
+
+    from spartan_cli.progress import Progress
 
     say = on_progress or (lambda p: log.info(p.stage))
     subject, task, device = load_subject_and_task(cfg, say)

@@ -170,8 +170,8 @@ def _straight_through_term(module, q, k, v, mask, scaling, scores=None) -> torch
     straight-through one of its deterministic gates, or None for an ungated layer or gates forced by a scope.
     q, k, v: (batch, n_heads, pos, d_head), one k/v per query head (as wiring hands them over); ``scores``:
     the layer's q.k * scaling when the caller has them (the gradient then also reaches that tensor)."""
-    from spartan_cli.attention import STATE_ATTR, allowed_mask
-    from spartan_cli.gates import gate_kind
+    from spartan_cli.gating.attention import STATE_ATTR, allowed_mask
+    from spartan_cli.gating.gates import gate_kind
 
     state = getattr(module, STATE_ATTR, None)
     if state is None or state.forced is not None:
@@ -201,7 +201,7 @@ def evaluate_patched(model, batches: Iterable[Contrast], *, metric: Metric, grap
     corrupted and clean forwards -> (state, corrupted logits, clean logits); then per circuit one clean run
     with ``patch_for(state, circuit)`` (a fresh tap: patching consumes its delta buffer). Means over the
     examples of m(circuit), m(full) and m(empty). No gradients; the model is wired for the call only."""
-    from spartan_cli.models import model_shape
+    from spartan_cli.hf.models import model_shape
 
     param = next(model.parameters())
     d_model = model_shape(model).d_model

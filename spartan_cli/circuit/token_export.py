@@ -82,7 +82,7 @@ def plot_token_circuit(graph, path, *, title: str = "token circuit") -> Path:
     from matplotlib.collections import LineCollection
 
     from spartan_cli.circuit.tokens import _node_parts, token_networkx
-    from spartan_cli.plots import _figure, _save
+    from spartan_cli.measure.plots import _figure, _save
 
     g = token_networkx(graph)
     H = graph.component.n_heads

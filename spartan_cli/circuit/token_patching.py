@@ -66,8 +66,8 @@ class Attended:
 
 def _gating(module, attention):
     """(gate kind, bias, forced) of a gated module whose attention is spartan's, else None (dense)."""
-    from spartan_cli.attention import STATE_ATTR, gated_attention_forward
-    from spartan_cli.gates import gate_kind
+    from spartan_cli.gating.attention import STATE_ATTR, gated_attention_forward
+    from spartan_cli.gating.gates import gate_kind
 
     if attention is not gated_attention_forward:
         return None
@@ -79,7 +79,7 @@ def mixed_attention(module, attention, q, k, v, mask, *, scaling, k_alt=None, v_
                     keep_v=None) -> Attended:
     """Steps 1-3 of the module docstring. q, k, v, k_alt, v_alt: (batch, n_heads, pos, d_head);
     keep_k/keep_v: (batch, n_heads, pos_q, pos_k) float weights of this run's k/v (None: all 1)."""
-    from spartan_cli.attention import allowed_mask
+    from spartan_cli.gating.attention import allowed_mask
 
     B, H, T, _ = q.shape
     dt = torch.promote_types(q.dtype, torch.float32)  # fp32 (fp64 for float64 models)
@@ -250,8 +250,8 @@ def attribute_tokens(model, batches: Iterable[Contrast], *, metric: Metric, ig_s
     are the pairs open on the clean run of some prompt (``open_share``: the share of prompts); the backward
     passes the gates as ``gate_gradient`` says (attribute.GATE_GRADIENTS: hard zero, or straight-through
     sigmoid'(g), which then also enters the key scores of open pairs: a corrupted key may shut a gate)."""
-    from spartan_cli.evaluate import is_gated
-    from spartan_cli.models import model_shape
+    from spartan_cli.gating.attention import is_gated
+    from spartan_cli.hf.models import model_shape
 
     if ig_steps < 1:
         raise ConfigError(f"ig_steps must be >= 1, got {ig_steps!r}")
@@ -306,7 +306,7 @@ def evaluate_tokens(model, batches: Iterable[Contrast], *, metric: Metric, graph
                     on_step: Callable[[EvaluationStep], None] | None = None) -> Evaluation:
     """Mean metric of every token circuit (an ``in_graph`` (n_edges,) bool or a TokenGraph) under patching,
     with m(full) and m(empty). No gradients."""
-    from spartan_cli.models import model_shape
+    from spartan_cli.hf.models import model_shape
 
     param = next(model.parameters())
     d_model = model_shape(model).d_model

@@ -197,7 +197,7 @@ def wired(model, graph: Graph | None = None):
     The model runs in eval mode (a gated model's gates are deterministic, 1[g > 0], and are recomputed
     from the patched q/k in every patched run) with parameters frozen (no weight gradients).
     """
-    from spartan_cli.models import adapter_for, model_shape
+    from spartan_cli.hf.models import adapter_for, model_shape
 
     graph = Graph.from_model(model) if graph is None else graph
     shape, anatomy = model_shape(model), anatomy_for(model)

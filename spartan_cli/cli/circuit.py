@@ -68,7 +68,7 @@ def command(model, task, method, ig_steps, gate_gradient, n_examples, batch_size
     """
     from spartan_cli.circuit.driver import CircuitConfig
     from spartan_cli.circuit.run import circuit_run
-    from spartan_cli.report import make_report, write_report
+    from spartan_cli.measure.report import make_report, write_report
 
     quiet_loading()
     cfg = CircuitConfig(model=model, task=task, method=method, ig_steps=ig_steps, gate_gradient=gate_gradient,

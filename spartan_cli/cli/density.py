@@ -41,9 +41,9 @@ def command(ckpt, data, seq_len, text_field, prompt, baseline, no_baseline, out,
       spartan density runs/addition --prompt "53+21=00074" --plot --out runs/addition-density
       spartan density runs/gpt2 --json | jq .overall.density
     """
-    from spartan_cli.density import DensityConfig, density_run
+    from spartan_cli.measure.density import DensityConfig, density_run
     from spartan_cli.errors import ConfigError
-    from spartan_cli.report import make_report, write_report
+    from spartan_cli.measure.report import make_report, write_report
 
     if plot and out is None:
         raise ConfigError("--plot writes PNG files: pass --out DIR to say where")
@@ -69,7 +69,7 @@ def command(ckpt, data, seq_len, text_field, prompt, baseline, no_baseline, out,
 
 
 def _plots(run, out: Path) -> list[Path]:
-    from spartan_cli import plots
+    from spartan_cli.measure import plots
 
     paths = []
     if run.result is not None:

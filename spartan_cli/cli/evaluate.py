@@ -97,8 +97,8 @@ def command(model, data, seq_len, text_field, task, baseline, no_baseline, out, 
       spartan evaluate runs/gpt2 --data ./valid.txt --max-batches 50 --json
       spartan evaluate gpt2 --data ./valid.txt
     """
-    from spartan_cli.evaluate import EvaluateConfig, evaluate_run
-    from spartan_cli.report import make_report, write_report
+    from spartan_cli.measure.evaluate import evaluate_run, EvaluateConfig
+    from spartan_cli.measure.report import make_report, write_report
 
     quiet_loading()
     cfg = EvaluateConfig(model=model, data=data, seq_len=seq_len, text_field=text_field, task=task, baseline=baseline,

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from spartan_cli.export import FORMATS
+from spartan_cli.exports import FORMATS
 
 FORMAT_HELP = "\n".join(f"  {name:<9} {FORMATS[name].help} [source: {FORMATS[name].source}]" for name in FORMATS)
 
@@ -39,7 +39,7 @@ def command(source, fmt, out, prompts, data, seq_len, text_field, max_sequences,
       spartan export runs/addition-circuit/circuit.json --format graphml --out circuit.graphml
     """
     from spartan_cli.cli.evaluate import quiet_loading
-    from spartan_cli.export import ExportConfig, export
+    from spartan_cli.exports import ExportConfig, export
 
     if FORMATS[fmt].source == "checkpoint":
         quiet_loading()

@@ -9,7 +9,7 @@ import sys
 import click
 
 from spartan_cli.cli.options import Flag, add_flags, apply_flags
-from spartan_cli.distributed import PARALLEL  # torch-free at import
+from spartan_cli.training.distributed import PARALLEL  # torch-free at import
 
 FLAGS = [
     Flag("--data", "data", "source", str, "Training text: a .txt/.jsonl/.parquet file, a folder of them, or a hub dataset."),
@@ -77,8 +77,8 @@ def command(ctx, model, out, config_file, resume, overwrite, trust_remote_code, 
     """
     from spartan_cli.cli.evaluate import quiet_loading
     from spartan_cli.config import read_config_file
-    from spartan_cli.presets import preset_for
-    from spartan_cli.run import RunConfig, merge, run_sparsify
+    from spartan_cli.training.presets import preset_for
+    from spartan_cli.training.run import RunConfig, merge, run_sparsify
 
     quiet_loading()  # transformers' per-load/per-save bars: our progress (or --quiet) says enough
 
@@ -98,7 +98,7 @@ def command(ctx, model, out, config_file, resume, overwrite, trust_remote_code, 
     if trust_remote_code:
         merged["trust_remote_code"] = True
     cfg = RunConfig.from_dict(merged)
-    from spartan_cli.distributed import env_world
+    from spartan_cli.training.distributed import env_world
 
     reporting = env_world().is_main  # under torchrun / accelerate launch, rank 0 alone reports
     quiet = quiet or not reporting

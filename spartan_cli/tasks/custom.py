@@ -255,7 +255,7 @@ def write_pairs(path: str | os.PathLike, pairs, *, tokenizer=None) -> Path:
         text = buf.getvalue()
     else:
         raise TaskError(f"custom: cannot write {path.name}; use one of {', '.join(FORMATS)}")
-    from spartan_cli.checkpoint import atomic_open
+    from spartan_cli.training.checkpoint import atomic_open
 
     with atomic_open(path, "w", encoding="utf-8", newline="") as f:
         f.write(text)

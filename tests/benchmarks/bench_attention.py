@@ -47,7 +47,7 @@ def gpt2_small(seed: int = 0, chunk_mb: float | None = None):
     """``chunk_mb``: the gated attention's chunking threshold (None: the default, attention.CHUNK_MB)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from spartan_cli.attention import CHUNK_MB, attach_gates
+    from spartan_cli.gating.attention import CHUNK_MB, attach_gates
 
     torch.manual_seed(seed)
     cfg = GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # dropout off, as in post-training
@@ -69,7 +69,7 @@ class Trainer:
     """One model, one fused AdamW; ``step(impl)`` is a full training step with that attention."""
 
     def __init__(self, model):
-        from spartan_cli.attention import gate_states
+        from spartan_cli.gating.attention import gate_states
 
         self.model = model.train()
         self.states = gate_states(model)
@@ -77,7 +77,7 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.params, lr=1e-5, betas=(0.9, 0.95), fused=True)
 
     def loss(self, ids, impl: str):
-        from spartan_cli.scopes import recording
+        from spartan_cli.gating.scopes import recording
 
         set_impl(self.model, impl)
         gated = impl == "spartan"

@@ -25,10 +25,10 @@ def measure_throughput(*, device: str = "cpu", seq_len: int = 256, batch_size: i
                        n_layer: int = 12, dtype: str = "auto") -> float:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from spartan_cli.attention import attach_gates
+    from spartan_cli.gating.attention import attach_gates
     from spartan_cli.blocks import Splits, TokenBlocks
     from spartan_cli.config import GecoConfig, TrainConfig
-    from spartan_cli.train import SparsifyConfig, sparsify
+    from spartan_cli.training.train import SparsifyConfig, sparsify
 
     torch.manual_seed(0)
     cfg = GPT2Config(n_layer=n_layer, n_head=12, n_embd=768, vocab_size=50257, n_positions=max(1024, seq_len))

@@ -182,7 +182,7 @@ def _shard(model, device, world: World) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from spartan_cli.models import adapter_for
+    from spartan_cli.hf.models import adapter_for
 
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:

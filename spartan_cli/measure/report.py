@@ -71,14 +71,14 @@ class Report:
 
 def make_report(kind: str, *, command: str, config: dict, metrics: dict) -> Report:
     """A Report stamped with the running versions."""
-    from spartan_cli.checkpoint import versions
+    from spartan_cli.training.checkpoint import versions
 
     return Report(kind=kind, command=command, config=config, metrics=metrics, versions=versions())
 
 
 def write_report(report: Report, out_dir, *, name: str | None = None) -> Path:
     """Write ``report`` to ``out_dir/<kind>.json`` (temp file, then os.replace) and return the path."""
-    from spartan_cli.checkpoint import atomic_write_text
+    from spartan_cli.training.checkpoint import atomic_write_text
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():

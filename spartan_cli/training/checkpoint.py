@@ -220,7 +220,7 @@ def load(ckpt, *, device=None, dtype=None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from spartan_cli.attention import attach_gates
+    from spartan_cli.gating.attention import attach_gates
 
     meta = read_meta(ckpt)
     try:
@@ -253,8 +253,8 @@ def load_trainer_state(ckpt):
     """The resumable TrainerState saved in ``ckpt``, or CheckpointError naming what is missing."""
     from safetensors.torch import load_file
 
-    from spartan_cli.geco import GecoState
-    from spartan_cli.train import TrainerState
+    from spartan_cli.training.geco import GecoState
+    from spartan_cli.training.train import TrainerState
 
     ckpt = Path(ckpt)
     read_meta(ckpt)

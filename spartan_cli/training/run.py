@@ -101,7 +101,7 @@ def check_out_dir(out: Path, *, overwrite: bool, resume: bool) -> None:
 
 
 def _load_data(cfg: RunConfig, tokenizer, model):
-    from spartan_cli.models import model_shape
+    from spartan_cli.hf.models import model_shape
 
     from spartan_cli import builtin
 
@@ -134,10 +134,10 @@ def run_sparsify(
 ) -> RunResult:
     import yaml
 
-    from spartan_cli import checkpoint, distributed
-    from spartan_cli.attention import attach_gates
-    from spartan_cli.models import load_model
-    from spartan_cli.train import SparsifyConfig, resolve_device, sparsify
+    from spartan_cli.training import checkpoint, distributed
+    from spartan_cli.gating.attention import attach_gates
+    from spartan_cli.hf.models import load_model
+    from spartan_cli.training.train import SparsifyConfig, resolve_device, sparsify
 
     out = Path(cfg.out)
     check_out_dir(out, overwrite=overwrite, resume=resume)
@@ -221,7 +221,7 @@ def run_sparsify(
         summary.update(task_metrics(cfg.model, model))
     save_state(final_state, final=summary)
     if main and log_path.exists():
-        from spartan_cli import plots
+        from spartan_cli.measure import plots
 
         records = [json.loads(ln) for ln in log_path.read_text().splitlines() if ln]
         if records:

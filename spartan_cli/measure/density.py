@@ -36,7 +36,7 @@ import torch
 
 from spartan_cli.blocks import TokenBlocks
 from spartan_cli.errors import ConfigError
-from spartan_cli.scopes import evaluating, gates_open, keeping_gate_logits
+from spartan_cli.gating.scopes import evaluating, gates_open, keeping_gate_logits
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +153,8 @@ class _Counter:
 @contextmanager
 def _counting(model, counters: list[_Counter]):
     """Within ``keeping_gate_logits``: each attention module's g goes to its counter and is dropped."""
-    from spartan_cli.attention import gate_states
-    from spartan_cli.models import adapter_for
+    from spartan_cli.gating.attention import gate_states
+    from spartan_cli.hf.models import adapter_for
 
     states = gate_states(model)
 
@@ -182,10 +182,10 @@ def density(model, blocks: TokenBlocks, *, batch_size: int = 8, max_batches: int
 
     ``on_progress(evaluate.Progress)`` is called after each batch.
     """
-    from spartan_cli.attention import gate_states
-    from spartan_cli.evaluate import Progress
-    from spartan_cli.measure import measure
-    from spartan_cli.models import model_shape
+    from spartan_cli.gating.attention import gate_states
+    from spartan_cli.progress import Progress
+    from spartan_cli.measure.heldout import measure
+    from spartan_cli.hf.models import model_shape
 
     gate_states(model)  # ModelError if the model is not gated
     shape = model_shape(model)
@@ -259,7 +259,7 @@ def _attention(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def prompt_attention(model, tokenizer, text: str) -> PromptAttention:
     """Attention weights A = P * M and open gates of gated ``model`` on ``text`` (no base pattern yet)."""
-    from spartan_cli.models import model_shape
+    from spartan_cli.hf.models import model_shape
 
     ids = encode_prompt(tokenizer, text)  # (pos,)
     max_pos = model_shape(model).max_positions
@@ -276,8 +276,8 @@ def dense_pattern(base, ids: torch.Tensor) -> torch.Tensor:
 
     Gates are attached to ``base`` if it has none, and forced open for the call: that computes exactly
     its dense attention (tests/test_attention.py)."""
-    from spartan_cli.attention import attach_gates
-    from spartan_cli.evaluate import is_gated
+    from spartan_cli.gating.attention import attach_gates
+    from spartan_cli.gating.attention import is_gated
 
     if not is_gated(base):
         attach_gates(base)
@@ -341,10 +341,12 @@ def density_run(cfg: DensityConfig, *, on_progress: Callable | None = None) -> D
     """Load the model, measure density on its held-out data, and keep a prompt's attention."""
     import gc
 
-    from spartan_cli.attention import attach_gates
+    from spartan_cli.gating.attention import attach_gates
     from spartan_cli.config import GateConfig
-    from spartan_cli.evaluate import Progress, base_model_name, eval_data, load_base, load_subject
-    from spartan_cli.train import resolve_device
+    from spartan_cli.hf.subjects import base_model_name, load_base, load_subject
+    from spartan_cli.measure.evaluate import eval_data
+    from spartan_cli.progress import Progress
+    from spartan_cli.training.train import resolve_device
 
     say = on_progress or (lambda p: log.info(p.stage))
     device = resolve_device(cfg.device)

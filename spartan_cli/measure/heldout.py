@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from spartan_cli.blocks import TokenBlocks
-from spartan_cli.scopes import evaluating, recording
+from spartan_cli.gating.scopes import evaluating, recording
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class Measurement:
 
 
 def _is_gated(model) -> bool:
-    from spartan_cli.attention import ATTN_IMPLEMENTATION
+    from spartan_cli.gating.attention import ATTN_IMPLEMENTATION
 
     return getattr(model.config, "_attn_implementation", None) == ATTN_IMPLEMENTATION
 

@@ -26,7 +26,7 @@ TARGET = "transformers.modeling_utils"
 
 
 def _register() -> None:
-    from spartan_cli.attention import register
+    from spartan_cli.gating.attention import register
 
     register()
 
@@ -46,7 +46,7 @@ class _RegisteringLoader(importlib.abc.Loader):
             _register()
         except ImportError as exc:  # a transformers without the attention-function interface: say so, keep importing
             log.warning("spartan gated attention not registered with transformers (%s); "
-                        "call spartan_cli.attention.register() after fixing it", exc)
+                        "call spartan_cli.gating.attention.register() after fixing it", exc)
 
     def __getattr__(self, name):  # get_source, is_package, get_filename... of the real loader
         return getattr(self._loader, name)

@@ -26,14 +26,14 @@ from typing import Callable
 
 import torch
 
-from spartan_cli import distributed
-from spartan_cli.attention import gate_states
+from spartan_cli.training import distributed
+from spartan_cli.gating.attention import gate_states
 from spartan_cli.blocks import Splits
 from spartan_cli.config import GateConfig, GecoConfig, TrainConfig
 from spartan_cli.errors import SpartanError
-from spartan_cli.geco import GecoState, geco_update, tolerance_at
-from spartan_cli.measure import measure
-from spartan_cli.scopes import deterministic_gates, gates_open, no_dropout, recording
+from spartan_cli.training.geco import GecoState, geco_update, tolerance_at
+from spartan_cli.measure.heldout import measure
+from spartan_cli.gating.scopes import deterministic_gates, gates_open, no_dropout, recording
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def trainable_parameters(model, which: str):
-    from spartan_cli.models import adapter_for
+    from spartan_cli.hf.models import adapter_for
 
     if which == "all":
         names = {n for n, _ in model.named_parameters()}

@@ -128,7 +128,7 @@ def _publish_dir(staging: Path, out: Path) -> None:
 
 def _write_file(path: Path, text: str | bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    from spartan_cli.checkpoint import atomic_open
+    from spartan_cli.training.checkpoint import atomic_open
 
     with atomic_open(path, "wb") as f:
         f.write(text.encode() if isinstance(text, str) else text)
@@ -136,7 +136,7 @@ def _write_file(path: Path, text: str | bytes) -> Path:
 
 
 def _checkpoint_dir(source: str) -> Path:
-    from spartan_cli import checkpoint
+    from spartan_cli.training import checkpoint
 
     path = Path(source).expanduser()
     checkpoint.read_meta(path)  # a clear line for a missing/broken checkpoint before any loading
@@ -147,8 +147,8 @@ def _checkpoint_dir(source: str) -> Path:
 def _save_hf(cfg: ExportConfig, *, gated: bool) -> ExportResult:
     import torch
 
-    from spartan_cli import checkpoint
-    from spartan_cli.attention import ATTN_IMPLEMENTATION
+    from spartan_cli.training import checkpoint
+    from spartan_cli.gating.attention import ATTN_IMPLEMENTATION
 
     src = _checkpoint_dir(cfg.source)
     out = Path(cfg.out).expanduser()
@@ -207,8 +207,8 @@ def mask_records(model, tokenizer, blocks, *, batch_size: int = 8, texts=None, s
     Gates are deterministic (eval mode); pairs a query may not see are never open."""
     import torch
 
-    from spartan_cli.attention import gate_states
-    from spartan_cli.scopes import evaluating, keeping_gate_logits
+    from spartan_cli.gating.attention import gate_states
+    from spartan_cli.gating.scopes import evaluating, keeping_gate_logits
 
     device = next(model.parameters()).device
     n_layers, n_heads = len(gate_states(model)), gate_states(model)[0].n_heads
@@ -236,9 +236,10 @@ def mask_records(model, tokenizer, blocks, *, batch_size: int = 8, texts=None, s
 
 
 def write_masks(cfg: ExportConfig) -> ExportResult:
-    from spartan_cli.density import encode_prompt
-    from spartan_cli.evaluate import eval_data, load_subject
-    from spartan_cli.train import resolve_device
+    from spartan_cli.measure.density import encode_prompt
+    from spartan_cli.hf.subjects import load_subject
+    from spartan_cli.measure.evaluate import eval_data
+    from spartan_cli.training.train import resolve_device
 
     src = _checkpoint_dir(cfg.source)
     out = Path(cfg.out).expanduser()
@@ -259,7 +260,7 @@ def write_masks(cfg: ExportConfig) -> ExportResult:
         rows = [(blocks, None)]
         source = data.source
     out.parent.mkdir(parents=True, exist_ok=True)
-    from spartan_cli.checkpoint import atomic_open
+    from spartan_cli.training.checkpoint import atomic_open
 
     n, pairs = 0, 0
     with atomic_open(out, "w") as f:

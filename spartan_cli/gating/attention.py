@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from spartan_cli.attention_chunked import chunked_attention, rows_per_chunk
-from spartan_cli.attention_fused import Gating, Masks, fused_attention
+from spartan_cli.gating.chunked import chunked_attention, rows_per_chunk
+from spartan_cli.gating.fused import Gating, Masks, fused_attention
 from spartan_cli.config import GateConfig
-from spartan_cli.gates import gate_kind
+from spartan_cli.gating.gates import gate_kind
 
 ATTN_IMPLEMENTATION = "spartan"
 STATE_ATTR = "spartan_gate"
@@ -227,7 +227,7 @@ def attach_gates(model, cfg: GateConfig | None = None, *, chunk_mb: float = CHUN
         from spartan_cli.errors import ConfigError
 
         raise ConfigError(f"chunk_mb must be > 0 MiB, got {chunk_mb!r}")
-    from spartan_cli.models import adapter_for, model_shape
+    from spartan_cli.hf.models import adapter_for, model_shape
 
     cfg = cfg or GateConfig()
     adapter = adapter_for(model)
@@ -243,9 +243,14 @@ def attach_gates(model, cfg: GateConfig | None = None, *, chunk_mb: float = CHUN
 def gate_states(model) -> list[GateState]:
     """The GateState of every layer, in layer order; ModelError if the model is not gated."""
     from spartan_cli.errors import ModelError
-    from spartan_cli.models import adapter_for
+    from spartan_cli.hf.models import adapter_for
 
     states = [getattr(m, STATE_ATTR, None) for m in adapter_for(model).attention_modules(model)]
     if any(s is None for s in states):
         raise ModelError("the model has no attention gates; load a spartan checkpoint or call attach_gates first")
     return states
+
+
+def is_gated(model) -> bool:
+    """Whether ``model`` runs spartan's gated attention (attach_gates / a loaded checkpoint)."""
+    return getattr(model.config, "_attn_implementation", None) == ATTN_IMPLEMENTATION

@@ -18,7 +18,7 @@ import dataclasses
 
 import torch
 
-from spartan_cli.attention_fused import Gating, Masks, backward_blocks, run_blocks
+from spartan_cli.gating.fused import Gating, Masks, backward_blocks, run_blocks
 
 
 def rows_per_chunk(q, k, chunk_mb: float) -> int:

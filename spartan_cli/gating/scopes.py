@@ -6,7 +6,7 @@ from contextlib import contextmanager
 
 import torch
 
-from spartan_cli.attention import gate_states
+from spartan_cli.gating.attention import gate_states
 
 
 @contextmanager
