@@ -43,3 +43,4 @@ class Splits:
 
     train: TokenBlocks
     heldout: TokenBlocks
+    validation: TokenBlocks | None = None  # rows never trained on that GECO may read (geco.reference "validation")

@@ -39,6 +39,21 @@ def test_mixture_is_seeded_and_holds_its_share_of_tiled_rows():
         shakespeare.mixture(torch.arange(300), 8, torch.Generator(), random_starts=False)
 
 
+def test_validation_rows_share_no_text_with_the_heldout_rows_or_the_text_blocks():
+    """What geco.reference "validation" reads is held out like the held-out rows but never measured as them."""
+    splits = shakespeare.splits(n_train=64)
+    reported = {tuple(r) for r in splits.heldout.input_ids.tolist()} | {
+        tuple(r) for r in shakespeare.text_blocks().input_ids.tolist()}
+    val = splits.validation.input_ids
+    assert len(val) == 128 and val.shape[1] == shakespeare.SEQ_LEN
+    assert not reported & {tuple(r) for r in val.tolist()}
+    _, heldout_stream = shakespeare.streams()
+    windows = heldout_stream[:shakespeare.TEXT_ROWS * shakespeare.SEQ_LEN].unfold(0, 16, 1)  # every 16-token window
+    seen = {tuple(w) for w in windows.tolist()}
+    text_rows = [r for r in val.tolist() if len(set(r)) > 64]  # the text rows (tiled rows repeat short segments)
+    assert text_rows and not any(tuple(r[:16]) in seen for r in text_rows)
+
+
 def test_shipped_model_is_a_plain_gpt2_with_its_tokenizer(shipped):
     model, tok = shipped
     assert type(model).__name__ == "GPT2LMHeadModel"

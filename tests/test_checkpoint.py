@@ -61,9 +61,14 @@ def test_wrong_schema_and_missing_files_are_reported(tmp_path):
         checkpoint.read_meta(tmp_path / "..")
 
 
-def test_resume_reproduces_an_uninterrupted_run(tmp_path):
-    """Stop after 4 of 8 steps, save, reload, resume: final weights equal the straight 8-step run's."""
-    cfg = SparsifyConfig(train=TrainConfig(steps=8, batch_size=4, lr=1e-3, log_every=1, eval_every=0))
+@pytest.mark.parametrize("reference", ["heldout", "validation"])
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, reference):
+    """Stop after 4 of 8 steps, save, reload, resume: final weights equal the straight 8-step run's (with
+    geco.reference "validation" the dense model's validation CE travels in the trainer state)."""
+    from spartan_cli.config import GecoConfig
+
+    cfg = SparsifyConfig(train=TrainConfig(steps=8, batch_size=4, lr=1e-3, log_every=1, eval_every=0),
+                         geco=GecoConfig(reference=reference, warmup_steps=2))
     straight = attach_gates(BUILDERS["gpt2"]())
     sparsify(straight, _splits(), cfg)
 
@@ -79,6 +84,8 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     checkpoint.save(tmp_path, first, None, meta={"gate": GateConfig().to_dict()}, trainer_state=state)
 
     resumed_state = checkpoint.load_trainer_state(tmp_path)
+    assert resumed_state.validation_ref == state.validation_ref
+    assert (state.validation_ref is not None) == (reference == "validation")
     resumed = attach_gates(BUILDERS["gpt2"]())
     from safetensors.torch import load_file
 

@@ -153,3 +153,45 @@ def test_negative_tolerance_start_is_refused():
     with pytest.raises(ConfigError, match="tolerance_start"):
         GecoConfig(tolerance_start=-0.1)
 
+
+def test_validation_reference_reads_rows_never_trained_on_against_the_dense_model():
+    """geco.reference "validation": validation rows leave the training set; each step's constraint is the
+    deterministic-gate CE of a cycled validation batch minus the dense model's CE on the same rows."""
+    import copy
+
+    import torch
+
+    from spartan_cli.blocks import Splits, TokenBlocks
+    from spartan_cli.config import GateConfig, TrainConfig
+    from spartan_cli.errors import SpartanError
+    from spartan_cli.gating.attention import attach_gates
+    from spartan_cli.gating.scopes import deterministic_gates
+    from spartan_cli.training.train import SparsifyConfig, sparsify, validation_split
+    from tests.micro import BUILDERS, VOCAB
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, VOCAB, (40, 16), generator=g)
+    data = Splits(TokenBlocks(x[:32], x[:32].clone()), TokenBlocks(x[32:], x[32:].clone()))
+    carved = validation_split(data, 4)
+    assert len(carved.validation) == 4 and len(carved.train) == 28  # max(one batch, 5%) off the end
+    assert torch.equal(carved.validation.input_ids, x[28:32]) and torch.equal(carved.train.input_ids, x[:28])
+    with pytest.raises(SpartanError, match="validation"):
+        validation_split(Splits(data.train.slice(0, 6), data.heldout), 4)
+
+    dense = BUILDERS["gpt2"]().eval()
+    with torch.no_grad():  # the dense model on the first validation batch (rows 28..31)
+        want_ref = float(dense(input_ids=x[28:32], labels=x[28:32]).loss)
+    model = attach_gates(copy.deepcopy(dense), GateConfig(bias=1.0))
+    geco = GecoConfig(reference="validation", warmup_steps=0, smoothing=0.0, rate=0.5, max_log_step=1.0)
+    cfg = SparsifyConfig(geco=geco, train=TrainConfig(steps=1, batch_size=4, lr=1e-3, log_every=1, eval_every=0,
+                                                      tolerance=0.02))
+    records = []
+    sparsify(model, data, cfg, on_step=records.append)
+    first = records[0]
+    with torch.no_grad(), deterministic_gates(model):  # after the step's update, as the trainer reads it
+        want_det = float(model(input_ids=x[28:32], labels=x[28:32]).loss)
+    assert first.ref_ce == pytest.approx(want_ref, rel=1e-5)
+    assert first.det_ce == pytest.approx(want_det, rel=1e-5)
+    step = max(-1.0, min(1.0, -0.5 * ((first.det_ce - first.ref_ce) - 0.02) / 0.05))
+    assert first.beta == pytest.approx(geco.beta_init * math.exp(step), rel=1e-6)
+

@@ -66,6 +66,8 @@ def streams() -> tuple[torch.Tensor, torch.Tensor]:
     tensors = load_file(str(_checked_dir() / TOKENS_FILE))
     return tensors["train"].long(), tensors["heldout"].long()
 
+TEXT_ROWS = 192  # text_blocks(): consecutive held-out text rows for the natural-text loss
+
 
 # ----------------------------------------------------------------------------------------- rows
 def text_rows(stream: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
@@ -124,10 +126,20 @@ def splits(seed: int = 0, *, n_train: int = 32768, n_heldout: int = 256) -> Spli
     train_stream, heldout_stream = streams()
     train = mixture(train_stream, n_train, torch.Generator().manual_seed(seed))
     heldout = mixture(heldout_stream, n_heldout, torch.Generator().manual_seed(0), random_starts=False)
-    return Splits(train=TokenBlocks(train, train.clone()), heldout=TokenBlocks(heldout, heldout.clone()))
+    return Splits(train=TokenBlocks(train, train.clone()), heldout=TokenBlocks(heldout, heldout.clone()),
+                  validation=validation_blocks(n_heldout=n_heldout))
 
 
-def text_blocks(n: int = 192) -> TokenBlocks:
+def validation_blocks(n: int = 128, *, n_heldout: int = 256) -> TokenBlocks:
+    """``n`` mixture rows of the held-out plays that share no text with the ``n_heldout`` held-out rows or
+    with ``text_blocks()``: their text starts after both. What ``geco.reference = "validation"`` reads."""
+    _, heldout_stream = streams()
+    skip = max(n_heldout - round(n_heldout * REPEAT_FRACTION), TEXT_ROWS) * SEQ_LEN
+    ids = mixture(heldout_stream[skip:], n, torch.Generator().manual_seed(1), random_starts=False)
+    return TokenBlocks(ids, ids.clone())
+
+
+def text_blocks(n: int = TEXT_ROWS) -> TokenBlocks:
     """``n`` consecutive held-out text rows (no repeats), every token scored: the natural-text loss."""
     _, heldout_stream = streams()
     if n * SEQ_LEN > len(heldout_stream):

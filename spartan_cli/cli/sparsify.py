@@ -41,9 +41,11 @@ FLAGS = [
     Flag("--geco-rate", "geco", "rate", click.FloatRange(min=0), "Log-space step of beta per unit of relative constraint [0.05]."),
     Flag("--geco-smoothing", "geco", "smoothing", click.FloatRange(min=0, max=1, max_open=True), "Moving-average factor of CE - target [0.99]."),
     Flag("--geco-warmup", "geco", "warmup_steps", click.IntRange(min=0), "Steps before beta may move [50]."),
-    Flag("--geco-reference", "geco", "reference", click.Choice(["heldout", "batch"]),
+    Flag("--geco-reference", "geco", "reference", click.Choice(["heldout", "batch", "validation"]),
          "What each step's CE is held against: heldout = base held-out CE + tolerance; batch = a frozen copy of the "
-         "base model's CE on the same rows + tolerance (less noise; one more forward and model copy) [heldout]."),
+         "base model's CE on the same rows + tolerance (less noise; one more forward and model copy); validation = "
+         "the deterministic-gate CE of rows never trained on against the dense model's on the same rows "
+         "(the built-in's own, else 5% of the training blocks) [heldout]."),
     Flag("--geco-gates", "geco", "gates", click.Choice(["sampled", "deterministic"]),
          "Gates of the CE the constraint reads: the training forward's sampled ones, or deterministic 1[g > 0] "
          "(one more no-grad forward per step) [sampled]."),

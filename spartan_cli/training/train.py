@@ -8,11 +8,16 @@
    against tau, or (``geco.reference = "batch"``) the step's CE minus a frozen dense reference model's CE
    on the same rows, against the tolerance. The step's CE is the sampled-gate training CE, or
    (``geco.gates = "deterministic"``) that of a no-grad forward of the same rows with gates 1[g > 0].
+   With ``geco.reference = "validation"`` the constraint is read on rows the model never trains on: the
+   deterministic-gate CE of a cycled batch of validation rows minus the dense model's CE on the same rows,
+   measured once at step 0. Training rows understate the gap as the model goes on fitting them.
 4. Periodically: held-out CE and density with deterministic gates; a resumable TrainerState is handed to
    ``on_checkpoint``. ``should_stop`` (e.g. a signal) ends the run after a complete step, with a state.
 5. In a process group (torchrun / accelerate launch), each rank computes its slice of every global
    micro-batch, with gate noise seeded per global row; see distributed.py for what is synchronised.
-The trainer touches no files: the caller persists states and logs.
+The trainer touches no files: the caller persists states and logs. ``sparsify`` is the loop; its steps
+are ``_setup``, ``_initial_state``, ``_micro_step`` (forward, backward, rank sums), ``_apply_update``,
+``_validation_ce``, ``_update_multiplier`` and ``_step_record``.
 """
 
 from __future__ import annotations
@@ -22,18 +27,18 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from spartan_cli.training import distributed
 from spartan_cli.gating.attention import gate_states
-from spartan_cli.blocks import Splits
+from spartan_cli.blocks import Splits, TokenBlocks
 from spartan_cli.config import GateConfig, GecoConfig, TrainConfig
 from spartan_cli.errors import SpartanError
 from spartan_cli.training.geco import GecoState, geco_update, tolerance_at
 from spartan_cli.measure.heldout import measure
-from spartan_cli.gating.scopes import deterministic_gates, gates_open, no_dropout, recording
+from spartan_cli.gating.scopes import deterministic_gates, evaluating, gates_open, no_dropout, recording
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +86,8 @@ class TrainerState:
     tokens_seen: int = 0
     elapsed_s: float = 0.0
     bad_steps: int = 0
+    # geco.reference "validation": the dense model's summed CE and scored tokens per validation row
+    validation_ref: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -172,6 +179,243 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+@dataclass
+class _Run:
+    """What every step of one run uses: the model and its wrapper, gates, optimizer, process group, data."""
+
+    model: Any
+    step_model: Any  # the model itself, or its DDP/FSDP wrapper
+    reference: Any  # the frozen dense model (geco.reference "batch"), or None
+    data: Splits
+    tc: TrainConfig
+    gc: GecoConfig
+    device: torch.device
+    autocast: Callable | None  # a fresh autocast context per call, or None in float32
+    states: list  # GateState per layer
+    world: Any  # distributed.World
+    local_bs: int
+    row_gens: list  # gate-noise generator per local row
+    params: list
+    opt: torch.optim.Optimizer
+    eval_bs: int
+    tokens_per_step: int
+    validation: TokenBlocks | None = None  # geco.reference "validation": rows the constraint is read on
+
+    def amp(self):
+        return self.autocast() if self.autocast else nullcontext()
+
+
+@dataclass
+class _Totals:
+    """One step's sums over its micro-batches (each already summed over ranks)."""
+
+    ce: float = 0.0  # sampled-gate training CE
+    ref: float = 0.0  # the reference model's CE on the same rows
+    det: float = 0.0  # CE of the same rows with deterministic gates
+    reg: float = 0.0  # R
+    opened: int = 0
+    allowed: int = 0
+
+
+def _setup(model, data: Splits, cfg: SparsifyConfig, reference, resume: TrainerState | None) -> _Run:
+    """Device, precision, gate-noise streams, the process-group wrapper and the optimizer (resumed if asked)."""
+    tc = cfg.train
+    device = next(model.parameters()).device
+    amp_dtype = resolve_dtype(tc.dtype, device)
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype != torch.float32 else None
+    states = gate_states(model)
+    world = distributed.current()
+    local_bs = distributed.check_batch(tc.batch_size, world)
+    row_gens = [torch.Generator(device=device) for _ in range(local_bs)]  # gate noise, one stream per row
+    for s in states:
+        s.generator = row_gens
+    trainable_parameters(model, tc.trainable)  # requires_grad set before wrapping: FSDP keeps it on the shards
+    step_model = distributed.wrap(model, world, tc.parallel)  # DDP, or FSDP sharding in place; model itself alone
+    params = trainable_parameters(model, tc.trainable)  # after wrapping: FSDP replaces parameters by shards
+    # fused: one kernel over all parameters (the per-tensor loop took ~10 s a step for a 135M model on CPU)
+    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.95), fused=True)
+    if resume is not None:
+        opt.load_state_dict(distributed.shard_optimizer_state(resume.optimizer, opt))  # full -> this rank's shards
+        _set_rng_state(resume.rng)
+    return _Run(model=model, step_model=step_model, reference=reference, data=data, tc=tc, gc=cfg.geco,
+                device=device, autocast=autocast, states=states, world=world, local_bs=local_bs, row_gens=row_gens,
+                params=params, opt=opt, eval_bs=max(tc.batch_size, 8),
+                tokens_per_step=tc.batch_size * tc.grad_accum * data.train.seq_len,
+                validation=data.validation if cfg.geco.reference == "validation" else None)
+
+
+def validation_split(data: Splits, batch_size: int) -> Splits:
+    """``data`` with validation rows for ``geco.reference = "validation"``: its own, else the last
+    min(128, 5%) training blocks (at least one batch), taken out of training."""
+    if data.validation is not None:
+        return data
+    n = min(128, max(batch_size, len(data.train) // 20))
+    if len(data.train) < n + batch_size:
+        raise SpartanError(f"geco.reference 'validation' takes {n} training blocks to read the constraint on, but "
+                           f"there are only {len(data.train)}; give more text or use geco.reference 'heldout'")
+    keep = len(data.train) - n
+    return Splits(train=data.train.slice(0, keep), heldout=data.heldout, validation=data.train.slice(keep, len(data.train)))
+
+
+def row_losses(model, blocks: TokenBlocks, *, batch_size: int, amp=nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row summed CE (nats, float64) and scored tokens of ``blocks``, no grad, as the model is now."""
+    sums, counts = [], []
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for part in blocks.batches(batch_size):
+            ids, labels = part.input_ids.to(device), part.labels.to(device)
+            with amp():
+                logits = model(input_ids=ids).logits[:, :-1].float()  # (rows, pos - 1, vocab)
+            target = labels[:, 1:]
+            ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100,
+                                                   reduction="none")  # (rows, pos - 1)
+            sums.append(ce.double().sum(1).cpu())
+            counts.append((target != -100).sum(1).cpu())
+    return torch.cat(sums), torch.cat(counts)
+
+
+def _initial_state(model, data: Splits, cfg: SparsifyConfig, eval_bs: int) -> TrainerState:
+    """Step 1 of the module docstring: the target from the dense model's held-out CE, the step-0 density;
+    with geco.reference "validation", the dense model's CE on every validation row."""
+    tc = cfg.train
+    torch.manual_seed(tc.seed)
+    validation_ref = None
+    with gates_open(model):
+        base = measure(model, data.heldout, batch_size=eval_bs)
+        if cfg.geco.reference == "validation":
+            with no_dropout(model), evaluating(model):
+                sums, counts = row_losses(model, data.validation, batch_size=eval_bs)
+            validation_ref = {"ce_sum": sums.tolist(), "tokens": counts.tolist()}
+    step0 = measure(model, data.heldout, batch_size=eval_bs)
+    state = TrainerState(step=0, geco=GecoState.initial(cfg.geco), tau=base.ce + tc.tolerance, base_ce=base.ce,
+                         step0_density=step0.density, optimizer={}, rng={}, validation_ref=validation_ref)
+    log.info("target tau=%.4f (base %.4f + tolerance %.4f); step-0 density %.4f",
+             state.tau, base.ce, tc.tolerance, step0.density)
+    return state
+
+
+def _micro_step(run: _Run, step: int, a: int, beta: float, totals: _Totals) -> bool:
+    """Forward and backward of micro-batch ``a`` of ``step`` on this rank's rows; adds its rank-summed
+    figures to ``totals``. False (nothing added, no backward) when the loss is non-finite on any rank."""
+    tc, world = run.tc, run.world
+    index = step * tc.grad_accum + a  # global micro-batch number
+    rows = distributed.local_rows(_micro_batch(len(run.data.train), tc.batch_size, index, tc.seed), world)
+    for r, gen in enumerate(run.row_gens):  # noise keyed by the global row, not by the rank holding it
+        gen.manual_seed(distributed.row_seed(tc.seed, index, world.rank * run.local_bs + r))
+    ids = run.data.train.input_ids[rows].to(run.device)  # (local batch, pos)
+    labels = run.data.train.labels[rows].to(run.device)
+    last = a == tc.grad_accum - 1  # ddp syncs gradients on the last micro-batch only
+    states = run.states
+    with distributed.accumulating(run.step_model, world, tc.parallel, last=last):
+        with run.amp():
+            out = run.step_model(input_ids=ids, labels=labels)
+        ce = out.loss.float()  # mean over this rank's scored tokens
+        reg = torch.stack([s.stats.density_term.mean() for s in states]).mean()  # R in [0, 1]
+        n_tok = (labels[:, 1:] != -100).sum()  # scored tokens here (the model shifts labels)
+        bad = ~torch.isfinite(ce.detach() + beta * reg.detach())
+        opened = torch.stack([s.stats.open_pairs.sum() for s in states]).sum()
+        allowed = states[0].stats.allowed_pairs.sum() * len(states) * states[0].n_heads
+        ref_ce = torch.zeros((), device=run.device)
+        if run.reference is not None:
+            with torch.no_grad(), run.amp():
+                ref_ce = run.reference(input_ids=ids, labels=labels).loss.float()
+        # (CE * tokens, tokens, R, non-finite, open, allowed, reference CE * tokens) summed over ranks, fp64:
+        # exact counts
+        tot = distributed.sum_across(torch.stack([ce.detach().double() * n_tok, n_tok.double(), reg.detach().double(),
+                                                  bad.double(), opened.double(), allowed.double(),
+                                                  ref_ce.double() * n_tok]), world)
+        if tot[3] > 0:  # every rank sees the same flag and skips together
+            return False
+        share = (n_tok * world.size / tot[1]).to(ce.dtype)  # 1 alone; DDP's rank mean: global CE
+        ((ce * share + beta * reg) / tc.grad_accum).backward()
+    if run.gc.gates == "deterministic" and run.validation is None:  # after the backward: its gate stats go unused
+        with torch.no_grad(), deterministic_gates(run.model), run.amp():
+            det = run.model(input_ids=ids, labels=labels).loss.float()
+        det_tot = distributed.sum_across(torch.stack([det.double() * n_tok, n_tok.double()]), world)
+        totals.det += float(det_tot[0] / det_tot[1])
+    totals.ce += float(tot[0] / tot[1])
+    totals.ref += float(tot[6] / tot[1])
+    totals.reg += float(tot[2]) / world.size
+    totals.opened += int(tot[4])
+    totals.allowed += int(tot[5])
+    return True
+
+
+def _apply_update(run: _Run, state: TrainerState, step: int, finite: bool) -> bool:
+    """Clip and apply the accumulated gradient, or skip a non-finite one (three in a row end the run)."""
+    if finite:  # one total norm both clips and tells whether any gradient is inf/nan
+        total_norm = torch.nn.utils.clip_grad_norm_(run.params, run.tc.grad_clip or float("inf"))
+        finite = bool(torch.isfinite(total_norm))
+    if finite:
+        run.opt.step()
+        state.bad_steps = 0
+    else:
+        state.bad_steps += 1
+        log.warning("step %d: non-finite loss or gradient, update skipped", step)
+        if state.bad_steps >= 3:
+            run.opt.zero_grad(set_to_none=True)
+            raise NonFiniteLoss(f"loss was non-finite for {state.bad_steps} steps in a row at step {step}; "
+                                "lower --lr or use --dtype float32; the last checkpoint is untouched")
+    run.opt.zero_grad(set_to_none=True)
+    return finite
+
+
+def _step_means(run: _Run, totals: _Totals) -> tuple[float, float | None, float | None]:
+    """(training CE, reference CE or None, deterministic-gate CE or None), means over the micro-batches;
+    with validation rows, the reference and deterministic CE are those of the step's validation batch."""
+    n = run.tc.grad_accum
+    if run.validation is not None:
+        return totals.ce / n, totals.ref, totals.det
+    return (totals.ce / n, totals.ref / n if run.reference is not None else None,
+            totals.det / n if run.gc.gates == "deterministic" else None)
+
+
+def _validation_ce(run: _Run, state: TrainerState, step: int, totals: _Totals) -> None:
+    """The step's validation batch (rows cycled in order): the model's CE with deterministic gates and
+    the dense model's, measured at step 0, on the same rows, into ``totals.det`` / ``totals.ref``. Every
+    rank computes the whole batch, so all see the same figures."""
+    n = len(run.validation)
+    rows = [(step * run.tc.batch_size + i) % n for i in range(min(run.tc.batch_size, n))]
+    part = TokenBlocks(run.validation.input_ids[rows], run.validation.labels[rows])
+    with deterministic_gates(run.model), evaluating(run.model):
+        sums, counts = row_losses(run.model, part, batch_size=len(rows), amp=run.amp)
+    ref = state.validation_ref
+    tokens = float(counts.sum())
+    totals.det = float(sums.sum()) / tokens
+    totals.ref = sum(ref["ce_sum"][r] for r in rows) / sum(ref["tokens"][r] for r in rows)
+
+
+def _update_multiplier(run: _Run, state: TrainerState, geco: GecoState, step: int, totals: _Totals) -> GecoState:
+    """Step 3 of the module docstring: the constrained CE against the target (or the reference's CE on the
+    same rows plus the slack)."""
+    tc, gc = run.tc, run.gc
+    ce, ref, det = _step_means(run, totals)
+    constrained = ce if det is None else det
+    settling = step >= tc.steps * (1.0 - gc.settle_fraction)
+    slack = tolerance_at(step, tc.steps, tc.tolerance, gc)
+    if ref is None:
+        return geco_update(geco, constrained, state.base_ce + slack, gc, settling=settling)
+    return geco_update(geco, constrained - ref, slack, gc, settling=settling)  # the gap on these very rows
+
+
+def _step_record(run: _Run, state: TrainerState, geco: GecoState, totals: _Totals, *, finite: bool,
+                 elapsed: float, evaluate: bool) -> StepRecord:
+    """The logged record of the step just done, with held-out CE and density when ``evaluate``."""
+    tc = run.tc
+    heldout = None
+    if evaluate:
+        heldout = measure(run.model, run.data.heldout, batch_size=run.eval_bs, max_batches=tc.eval_batches)
+        run.model.train()
+    ce, ref, det = _step_means(run, totals)
+    rate = state.tokens_seen / max(elapsed, 1e-9)
+    return StepRecord(
+        step=state.step, ce=ce, tau=state.tau, beta=geco.beta, c_ma=geco.c_ma, reg=totals.reg / tc.grad_accum,
+        density=totals.opened / max(totals.allowed, 1), lr=run.opt.param_groups[0]["lr"], tokens_per_s=rate,
+        elapsed_s=elapsed, eta_s=(tc.steps - state.step) * run.tokens_per_step / max(rate, 1e-9),
+        heldout_ce=heldout.ce if heldout else None, heldout_density=heldout.density if heldout else None,
+        skipped=not finite, ref_ce=ref, det_ce=det)
+
+
 def sparsify(
     model,
     data: Splits,
@@ -190,49 +434,18 @@ def sparsify(
     if (cfg.geco.reference == "batch") != (reference is not None):
         raise SpartanError("geco.reference 'batch' needs a reference model, and only it does; pass reference= "
                            "with the dense base model, or use geco.reference 'heldout'")
-    tc, gc = cfg.train, cfg.geco
-    device = next(model.parameters()).device
-    amp_dtype = resolve_dtype(tc.dtype, device)
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype != torch.float32 else None
-    states = gate_states(model)
-    world = distributed.current()
-    local_bs = distributed.check_batch(tc.batch_size, world)
-    row_gens = [torch.Generator(device=device) for _ in range(local_bs)]  # gate noise, one stream per row
-    for s in states:
-        s.generator = row_gens
-    eval_bs = max(tc.batch_size, 8)
-
-    trainable_parameters(model, tc.trainable)  # requires_grad set before wrapping: FSDP keeps it on the shards
-    step_model = distributed.wrap(model, world, tc.parallel)  # DDP, or FSDP sharding in place; model itself alone
-    params = trainable_parameters(model, tc.trainable)  # after wrapping: FSDP replaces parameters by shards
-
-    if resume is None:
-        torch.manual_seed(tc.seed)
-        with gates_open(model):
-            base = measure(model, data.heldout, batch_size=eval_bs)
-        step0 = measure(model, data.heldout, batch_size=eval_bs)
-        state = TrainerState(step=0, geco=GecoState.initial(gc), tau=base.ce + tc.tolerance, base_ce=base.ce,
-                             step0_density=step0.density, optimizer={}, rng={})
-        log.info("target tau=%.4f (base %.4f + tolerance %.4f); step-0 density %.4f",
-                 state.tau, base.ce, tc.tolerance, step0.density)
-    else:
-        state = resume
-
-    # fused: one kernel over all parameters (the per-tensor loop took ~10 s a step for a 135M model on CPU)
-    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.95), fused=True)
-    if resume is not None:
-        opt.load_state_dict(distributed.shard_optimizer_state(resume.optimizer, opt))  # full -> this rank's shards
-        _set_rng_state(resume.rng)
-
-    n_train = len(data.train)
-    tokens_per_step = tc.batch_size * tc.grad_accum * data.train.seq_len
+    tc = cfg.train
+    if cfg.geco.reference == "validation":
+        data = validation_split(data, tc.batch_size)
+    run = _setup(model, data, cfg, reference, resume)
+    state = resume if resume is not None else _initial_state(model, data, cfg, run.eval_bs)
     t_start = time.perf_counter() - state.elapsed_s
     interrupted = False
     geco = state.geco
 
     def snapshot() -> TrainerState:
         state.geco = geco
-        state.optimizer = distributed.optimizer_state(opt, world)  # full moments, whatever the wrapper
+        state.optimizer = distributed.optimizer_state(run.opt, run.world)  # full moments, whatever the wrapper
         state.rng = _rng_state()
         state.elapsed_s = time.perf_counter() - t_start
         return state
@@ -240,111 +453,32 @@ def sparsify(
     model.train()
     with no_dropout(model), recording(model):
         while state.step < tc.steps:
-            if should_stop is not None and distributed.any_across(should_stop(), world, device):
+            if should_stop is not None and distributed.any_across(should_stop(), run.world, run.device):
                 interrupted = True  # every rank stops after the same step
                 break
             step = state.step
-            for group in opt.param_groups:
+            for group in run.opt.param_groups:
                 group["lr"] = tc.lr * _lr_factor(step, tc)
-            ce_sum, ref_sum, det_sum, reg_sum, open_sum, allowed_sum = 0.0, 0.0, 0.0, 0.0, 0, 0
-            finite = True
-            for a in range(tc.grad_accum):
-                index = step * tc.grad_accum + a  # global micro-batch number
-                rows = distributed.local_rows(_micro_batch(n_train, tc.batch_size, index, tc.seed), world)
-                for r, gen in enumerate(row_gens):  # noise keyed by the global row, not by the rank holding it
-                    gen.manual_seed(distributed.row_seed(tc.seed, index, world.rank * local_bs + r))
-                ids = data.train.input_ids[rows].to(device)  # (local batch, pos)
-                labels = data.train.labels[rows].to(device)
-                last = a == tc.grad_accum - 1  # ddp syncs gradients on the last micro-batch only
-                with distributed.accumulating(step_model, world, tc.parallel, last=last):
-                    with autocast() if autocast else nullcontext():
-                        out = step_model(input_ids=ids, labels=labels)
-                    ce = out.loss.float()  # mean over this rank's scored tokens
-                    reg = torch.stack([s.stats.density_term.mean() for s in states]).mean()  # R in [0, 1]
-                    n_tok = (labels[:, 1:] != -100).sum()  # scored tokens here (the model shifts labels)
-                    bad = ~torch.isfinite(ce.detach() + geco.beta * reg.detach())
-                    opened = torch.stack([s.stats.open_pairs.sum() for s in states]).sum()
-                    allowed = states[0].stats.allowed_pairs.sum() * len(states) * states[0].n_heads
-                    ref_ce = torch.zeros((), device=device)
-                    if reference is not None:
-                        with torch.no_grad(), autocast() if autocast else nullcontext():
-                            ref_ce = reference(input_ids=ids, labels=labels).loss.float()
-                    # (CE * tokens, tokens, R, non-finite, open, allowed, reference CE * tokens) summed over
-                    # ranks, fp64: exact counts
-                    tot = distributed.sum_across(torch.stack([ce.detach().double() * n_tok, n_tok.double(),
-                                                              reg.detach().double(), bad.double(),
-                                                              opened.double(), allowed.double(),
-                                                              ref_ce.double() * n_tok]), world)
-                    if tot[3] > 0:  # every rank sees the same flag and skips together
-                        finite = False
-                        break
-                    share = (n_tok * world.size / tot[1]).to(ce.dtype)  # 1 alone; DDP's rank mean: global CE
-                    loss = (ce * share + geco.beta * reg) / tc.grad_accum
-                    loss.backward()
-                if gc.gates == "deterministic":  # after the backward: this forward's gate stats are not used
-                    with torch.no_grad(), deterministic_gates(model), autocast() if autocast else nullcontext():
-                        det = model(input_ids=ids, labels=labels).loss.float()
-                    det_tot = distributed.sum_across(torch.stack([det.double() * n_tok, n_tok.double()]), world)
-                    det_sum += float(det_tot[0] / det_tot[1])
-                ce_sum += float(tot[0] / tot[1])
-                ref_sum += float(tot[6] / tot[1])
-                reg_sum += float(tot[2]) / world.size
-                open_sum += int(tot[4])
-                allowed_sum += int(tot[5])
-            if finite:  # one total norm both clips and tells whether any gradient is inf/nan
-                total_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip or float("inf"))
-                finite = bool(torch.isfinite(total_norm))
+            totals = _Totals()
+            finite = all(_micro_step(run, step, a, geco.beta, totals) for a in range(tc.grad_accum))
+            finite = _apply_update(run, state, step, finite)
             if finite:
-                opt.step()
-                state.bad_steps = 0
-            else:
-                state.bad_steps += 1
-                log.warning("step %d: non-finite loss or gradient, update skipped", step)
-                if state.bad_steps >= 3:
-                    opt.zero_grad(set_to_none=True)
-                    raise NonFiniteLoss(
-                        f"loss was non-finite for {state.bad_steps} steps in a row at step {step}; "
-                        "lower --lr or use --dtype float32; the last checkpoint is untouched")
-            opt.zero_grad(set_to_none=True)
-            ce_mean = ce_sum / tc.grad_accum
-            ref_mean = ref_sum / tc.grad_accum if reference is not None else None
-            det_mean = det_sum / tc.grad_accum if gc.gates == "deterministic" else None
-            constrained = ce_mean if det_mean is None else det_mean
-            if finite:
-                settling = step >= tc.steps * (1.0 - gc.settle_fraction)
-                slack = tolerance_at(step, tc.steps, tc.tolerance, gc)
-                if ref_mean is None:
-                    geco = geco_update(geco, constrained, state.base_ce + slack, gc, settling=settling)
-                else:  # the gap to the dense model on these very rows, against the slack
-                    geco = geco_update(geco, constrained - ref_mean, slack, gc, settling=settling)
+                if run.validation is not None:
+                    _validation_ce(run, state, step, totals)
+                geco = _update_multiplier(run, state, geco, step, totals)
             state.step = step + 1
-            state.tokens_seen += tokens_per_step
-            elapsed = time.perf_counter() - t_start
+            state.tokens_seen += run.tokens_per_step
             done = state.step >= tc.steps
-            evaluate_now = done or (tc.eval_every and state.step % tc.eval_every == 0)
-            record = None
+            evaluate_now = done or bool(tc.eval_every and state.step % tc.eval_every == 0)
             if on_step is not None and (evaluate_now or state.step == 1 or state.step % tc.log_every == 0 or not finite):
-                heldout = None
-                if evaluate_now:
-                    heldout = measure(model, data.heldout, batch_size=eval_bs, max_batches=tc.eval_batches)
-                    model.train()
-                rate = state.tokens_seen / max(elapsed, 1e-9)
-                record = StepRecord(
-                    step=state.step, ce=ce_mean, tau=state.tau, beta=geco.beta, c_ma=geco.c_ma,
-                    reg=reg_sum / tc.grad_accum, density=open_sum / max(allowed_sum, 1),
-                    lr=opt.param_groups[0]["lr"], tokens_per_s=rate, elapsed_s=elapsed,
-                    eta_s=(tc.steps - state.step) * tokens_per_step / max(rate, 1e-9),
-                    heldout_ce=heldout.ce if heldout else None,
-                    heldout_density=heldout.density if heldout else None, skipped=not finite, ref_ce=ref_mean,
-                    det_ce=det_mean,
-                )
-                on_step(record)
+                on_step(_step_record(run, state, geco, totals, finite=finite, elapsed=time.perf_counter() - t_start,
+                                     evaluate=evaluate_now))
             if on_checkpoint is not None and tc.checkpoint_every and state.step % tc.checkpoint_every == 0 and not done:
                 on_checkpoint(snapshot())
     model.eval()
-    for s in states:
+    for s in run.states:
         s.generator = None  # the row streams fit this run's batch only
-    final = measure(model, data.heldout, batch_size=eval_bs)
+    final = measure(model, data.heldout, batch_size=run.eval_bs)
     snap = snapshot()
     result = SparsifyResult(
         steps=state.step, base_ce=state.base_ce, tau=state.tau, step0_density=state.step0_density,
@@ -353,4 +487,3 @@ def sparsify(
         elapsed_s=snap.elapsed_s, density_per_head=final.density_per_head.tolist(),
     )
     return result, snap
-
