@@ -25,25 +25,25 @@ def neox(seed: int = 0):
     return GPTNeoXForCausalLM(cfg).eval()
 
 
+def _llama_shaped(config_cls, model_cls, seed: int, **extra):
+    torch.manual_seed(seed)
+    cfg = config_cls(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
+                     intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=64,
+                     bos_token_id=0, eos_token_id=0, pad_token_id=0, **extra)
+    return model_cls(cfg).eval()
+
+
 def llama(seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
-                      intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=64,
-                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    return LlamaForCausalLM(cfg).eval()
+    return _llama_shaped(LlamaConfig, LlamaForCausalLM, seed)
 
 
 def qwen2(seed: int = 0):
     """Llama-shaped with q/k/v biases."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
-                      intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=64,
-                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    model = Qwen2ForCausalLM(cfg).eval()
+    model = _llama_shaped(Qwen2Config, Qwen2ForCausalLM, seed)
     with torch.no_grad():  # the init zeroes biases; random ones make the bias paths count in parity tests
         for layer in model.model.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
@@ -55,11 +55,7 @@ def mistral(seed: int = 0):
     """Llama-shaped with a sliding window (wider than every test sequence)."""
     from transformers import MistralConfig, MistralForCausalLM
 
-    torch.manual_seed(seed)
-    cfg = MistralConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
-                        intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=64, sliding_window=32,
-                        bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    return MistralForCausalLM(cfg).eval()
+    return _llama_shaped(MistralConfig, MistralForCausalLM, seed, sliding_window=32)
 
 
 BUILDERS = {"gpt2": gpt2, "neox": neox, "llama": llama, "qwen2": qwen2, "mistral": mistral}

@@ -15,6 +15,13 @@ A ``Tap`` sees every source output and every destination input in forward order 
 and runs each layer's attention call (``Tap.attend``); attribution and edge patching are taps. Nothing
 else changes: on exit the original forwards, the training flag, ``requires_grad`` of every parameter and
 any GQA flags are restored, also on error.
+
+Why the block forward is replaced and not hooked: every head needs its own copy of the residual stream for
+each of q, k and v (an edge into a3.h1<k> patches that copy alone), and a module hook sees only the one
+residual the block's norm and fused projections read. Training never re-wires anything (it only registers
+its attention function). The re-wired forward is guarded by parity tests on every supported shape
+(GPT-2, GPT-NeoX, Llama, Qwen2 with q/k/v biases, Mistral with a sliding window: ``tests/micro.py``); an
+architecture without an ``anatomy`` entry is refused with one line naming the supported ones.
 """
 
 from __future__ import annotations
