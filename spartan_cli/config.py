@@ -176,7 +176,9 @@ class TrainConfig(Section):
     dtype: str = "auto"  # auto: bf16 on cuda, fp32 on cpu; gate maths is always fp32
     log_every: int = 10
     eval_every: int = 200  # held-out deterministic CE/density every this many steps (0: only at the end)
-    eval_batches: int = 8  # held-out batches per periodic evaluation
+    # held-out batches per periodic evaluation; None: every held-out block (the rows the target is measured
+    # on). A cap evaluates the first batches and compares them with the dense CE on those same batches
+    eval_batches: int | None = None
     checkpoint_every: int = 500  # resumable checkpoint every this many steps (0: only at the end)
     parallel: str = "ddp"  # how ranks hold the model under torchrun/accelerate: ddp | fsdp (distributed.PARALLEL)
 
@@ -187,7 +189,8 @@ class TrainConfig(Section):
         _positive("train.lr", self.lr)
         for name in ("lr_warmup_steps", "weight_decay", "grad_clip", "tolerance", "eval_every", "checkpoint_every"):
             _positive(f"train.{name}", getattr(self, name), allow_zero=True)
-        _positive("train.eval_batches", self.eval_batches)
+        if self.eval_batches is not None:
+            _positive("train.eval_batches", self.eval_batches)
         for name, allowed in (("schedule", SCHEDULES), ("trainable", TRAINABLE), ("dtype", DTYPES),
                               ("parallel", tuple(sorted(PARALLEL)))):
             if getattr(self, name) not in allowed:

@@ -195,3 +195,31 @@ def test_validation_reference_reads_rows_never_trained_on_against_the_dense_mode
     step = max(-1.0, min(1.0, -0.5 * ((first.det_ce - first.ref_ce) - 0.02) / 0.05))
     assert first.beta == pytest.approx(geco.beta_init * math.exp(step), rel=1e-6)
 
+
+@pytest.mark.parametrize("eval_batches", [None, 1])
+def test_periodic_evaluation_is_held_against_the_dense_ce_of_the_same_rows(eval_batches):
+    """A periodic held-out evaluation capped to its first batches records the target on those rows
+    (dense CE there + tolerance), not the target of every held-out row."""
+    import torch
+
+    from spartan_cli.blocks import Splits, TokenBlocks
+    from spartan_cli.config import GateConfig, TrainConfig
+    from spartan_cli.gating.attention import attach_gates
+    from spartan_cli.training.train import SparsifyConfig, sparsify
+    from tests.micro import BUILDERS, VOCAB
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, VOCAB, (32, 16), generator=g)
+    data = Splits(TokenBlocks(x[:16], x[:16].clone()), TokenBlocks(x[16:], x[16:].clone()))
+    dense = BUILDERS["gpt2"]().eval()
+    with torch.no_grad():
+        first = float(dense(input_ids=x[16:24], labels=x[16:24]).loss)  # the first held-out batch (8 rows)
+    model = attach_gates(dense, GateConfig(bias=1.0))
+    cfg = SparsifyConfig(train=TrainConfig(steps=1, batch_size=4, lr=1e-3, log_every=1, eval_every=1,
+                                           eval_batches=eval_batches, tolerance=0.02))
+    records = []
+    result, _ = sparsify(model, data, cfg, on_step=records.append)
+    want = result.tau if eval_batches is None else first + 0.02
+    assert records[0].heldout_tau == pytest.approx(want, rel=1e-5)
+    assert (records[0].heldout_tau != pytest.approx(result.tau, rel=1e-6)) == (eval_batches is not None)
+

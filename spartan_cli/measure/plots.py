@@ -191,8 +191,9 @@ def trajectory(records: list[dict], path, *, title: str = "sparsify trajectory")
         dens.plot([r["step"] for r in evals], [max(r["heldout_density"], 1e-6) for r in evals], "o-", ms=3,
                   color="tab:red", label="held out (deterministic gates)")
         final = evals[-1]
+        target = final.get("heldout_tau") or final["tau"]
         dens.set_title(f"{title}\nfinal held-out density {final['heldout_density']:.2%}, "
-                       f"CE {final['heldout_ce']:.4f} vs target {final['tau']:.4f}")
+                       f"CE {final['heldout_ce']:.4f} vs target {target:.4f}")
     dens.set_yscale("log")
     dens.set_ylabel("attention density")
     dens.legend(fontsize=8)
@@ -207,6 +208,10 @@ def trajectory(records: list[dict], path, *, title: str = "sparsify trajectory")
         ce.plot([r["step"] for r in evals], [r["heldout_ce"] for r in evals], "o-", ms=3, color="tab:red",
                 label="held-out CE")
     ce.plot(steps, [r["tau"] for r in records], "--", color="black", lw=1, label="target tau")
+    capped = [r for r in evals if r.get("heldout_tau") is not None and abs(r["heldout_tau"] - r["tau"]) > 1e-9]
+    if capped:  # eval_batches capped the periodic evaluation: its own target, on the same rows
+        ce.plot([r["step"] for r in capped], [r["heldout_tau"] for r in capped], "x", color="tab:red",
+                label="target on the evaluated rows")
     ce.set_ylabel("CE (nats/token)")
     ce.legend(fontsize=8)
     beta.plot(steps, [r["beta"] for r in records], color="tab:green", lw=1)

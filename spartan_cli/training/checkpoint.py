@@ -139,7 +139,7 @@ def save(out_dir, model, tokenizer, *, meta: dict, run_config_yaml: str | None =
                 "base_ce": trainer_state.base_ce, "step0_density": trainer_state.step0_density,
                 "tokens_seen": trainer_state.tokens_seen, "elapsed_s": trainer_state.elapsed_s,
                 "bad_steps": trainer_state.bad_steps, "optimizer": opt_meta,
-                "validation_ref": trainer_state.validation_ref,
+                "validation_ref": trainer_state.validation_ref, "eval_base_ce": trainer_state.eval_base_ce,
             }
             (staging / STATE_JSON).write_text(json.dumps(state_json))
         files = sorted(p.name for p in staging.iterdir() if p.is_file())
@@ -274,7 +274,7 @@ def load_trainer_state(ckpt):
             step=meta["step"], geco=GecoState.from_dict(meta["geco"]), tau=meta["tau"], base_ce=meta["base_ce"],
             step0_density=meta["step0_density"], optimizer=_unflatten_optimizer(tensors, meta["optimizer"]),
             rng=rng, tokens_seen=meta["tokens_seen"], elapsed_s=meta["elapsed_s"], bad_steps=meta["bad_steps"],
-            validation_ref=meta.get("validation_ref"),
+            validation_ref=meta.get("validation_ref"), eval_base_ce=meta.get("eval_base_ce"),
         )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:  # not JSON, or fields missing/edited
         raise CheckpointError(f"{ckpt / STATE_JSON} is not a trainer state spartan wrote ({type(exc).__name__}: "

@@ -68,6 +68,7 @@ class StepRecord:
     heldout_ce: float | None = None  # deterministic gates, when evaluated this step
     heldout_density: float | None = None
     skipped: bool = False  # non-finite loss: the update was skipped
+    heldout_tau: float | None = None  # the target on the evaluated held-out rows (tau unless eval_batches caps them)
     ref_ce: float | None = None  # the frozen reference model's CE on the same rows (geco.reference "batch")
     det_ce: float | None = None  # CE of the same rows with deterministic gates (geco.gates "deterministic")
 
@@ -88,6 +89,7 @@ class TrainerState:
     bad_steps: int = 0
     # geco.reference "validation": the dense model's summed CE and scored tokens per validation row
     validation_ref: dict | None = None
+    eval_base_ce: float | None = None  # the dense CE on the periodic evaluation's rows, when eval_batches caps them
 
 
 @dataclass(frozen=True)
@@ -286,9 +288,12 @@ def _initial_state(model, data: Splits, cfg: SparsifyConfig, eval_bs: int) -> Tr
             with no_dropout(model), evaluating(model):
                 sums, counts = row_losses(model, data.validation, batch_size=eval_bs)
             validation_ref = {"ce_sum": sums.tolist(), "tokens": counts.tolist()}
+        eval_base = None if tc.eval_batches is None else measure(model, data.heldout, batch_size=eval_bs,
+                                                                 max_batches=tc.eval_batches).ce
     step0 = measure(model, data.heldout, batch_size=eval_bs)
     state = TrainerState(step=0, geco=GecoState.initial(cfg.geco), tau=base.ce + tc.tolerance, base_ce=base.ce,
-                         step0_density=step0.density, optimizer={}, rng={}, validation_ref=validation_ref)
+                         step0_density=step0.density, optimizer={}, rng={}, validation_ref=validation_ref,
+                         eval_base_ce=eval_base)
     log.info("target tau=%.4f (base %.4f + tolerance %.4f); step-0 density %.4f",
              state.tau, base.ce, tc.tolerance, step0.density)
     return state
@@ -413,7 +418,8 @@ def _step_record(run: _Run, state: TrainerState, geco: GecoState, totals: _Total
         density=totals.opened / max(totals.allowed, 1), lr=run.opt.param_groups[0]["lr"], tokens_per_s=rate,
         elapsed_s=elapsed, eta_s=(tc.steps - state.step) * run.tokens_per_step / max(rate, 1e-9),
         heldout_ce=heldout.ce if heldout else None, heldout_density=heldout.density if heldout else None,
-        skipped=not finite, ref_ce=ref, det_ce=det)
+        heldout_tau=(state.tau if state.eval_base_ce is None else state.eval_base_ce + tc.tolerance) if heldout
+        else None, skipped=not finite, ref_ce=ref, det_ce=det)
 
 
 def sparsify(
