@@ -134,5 +134,7 @@ def test_preset_sparsify_runs_a_few_steps(tmp_path, capsys):
     from spartan_cli.training.presets import PRESETS
 
     assert run["gate"]["bias"] == PRESETS["shakespeare"]["gate"]["bias"]  # the preset was applied
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert all(r["det_ce"] is not None and r["ref_ce"] is not None for r in records)  # read on validation rows
     code, _, stderr = run_cli(["sparsify", "shakespeare", "--data", "x.txt", "--out", str(tmp_path / "r2")], capsys)
     assert code == 1 and "brings its own data" in stderr

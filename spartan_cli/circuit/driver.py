@@ -291,7 +291,7 @@ class _Choice(SweepChoice):
 def search(model, tokenizer, cfg: CircuitConfig, *, task, level: Level, name: str | None = None,
            on_progress: Callable | None = None):
     """Steps 1-6 of the module docstring for one model -> the level's result. ``on_progress`` takes
-    evaluate.Progress records."""
+    progress.Progress records."""
     from spartan_cli.gating.attention import is_gated
     from spartan_cli.gating.scopes import deterministic_gates
 

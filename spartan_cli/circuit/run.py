@@ -35,7 +35,7 @@ RESULTS = {"circuit_graph": CircuitResult, "token_circuit": TokenCircuitResult} 
 def find_circuit(model, tokenizer, cfg: CircuitConfig, *, task=None, name: str | None = None,
                  on_progress: Callable | None = None) -> CircuitResult | TokenCircuitResult:
     """The circuit of one model at ``cfg.level``. ``task``: a Task (default: ``get_task(cfg.task)``);
-    ``on_progress`` takes evaluate.Progress records."""
+    ``on_progress`` takes progress.Progress records."""
     from spartan_cli.circuit.driver import search
     from spartan_cli.tasks import get_task
 

@@ -10,7 +10,7 @@ from spartan_cli.tasks import task_names
 
 
 class StageProgress:
-    """Renders evaluate.Progress records on stderr.
+    """Renders progress.Progress records on stderr.
 
     On a terminal: a transient rich bar per stage (a spinner for one-off steps such as loading), cleared
     at the end so an error stays the only line. Elsewhere (logs, CI): a plain line per tenth of each

@@ -180,7 +180,7 @@ def density(model, blocks: TokenBlocks, *, batch_size: int = 8, max_batches: int
             on_progress: Callable | None = None) -> DensityResult:
     """Density counts of gated ``model`` on ``blocks`` (batch, pos); see the module docstring.
 
-    ``on_progress(evaluate.Progress)`` is called after each batch.
+    ``on_progress(progress.Progress)`` is called after each batch.
     """
     from spartan_cli.gating.attention import gate_states
     from spartan_cli.progress import Progress

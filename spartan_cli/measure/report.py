@@ -8,7 +8,7 @@ A report is one JSON object. Its header keys come first and say what made it:
   config           the resolved configuration (model, data, batch sizes, ...): enough to re-run it
   versions         torch / transformers / python versions
 The metrics follow at the top level beside the header (so ``jq .overall.density`` works on a density
-report); the metric keys of each kind are documented in evaluate.py, density.py and circuit/discovery.py.
+report); the metric keys of each kind are documented in measure/evaluate.py, measure/density.py and circuit/discovery.py.
 """
 
 from __future__ import annotations

@@ -26,9 +26,12 @@ ADDITION = {
 SHAKESPEARE = {
     "train": {"steps": 2500, "batch_size": 16, "lr": 2e-4, "lr_warmup_steps": 50, "schedule": "cosine",
               "tolerance": 0.01, "eval_every": 250, "checkpoint_every": 500, "log_every": 10},
-    # warm-up 200: the model first has to recover what the step-0 gates cost (0.05 nats at b = 4)
-    "geco": {"beta_init": 1e-3, "beta_min": 1e-4, "warmup_steps": 200, "rate": 0.5, "max_log_step": 0.1,
-             "smoothing": 0.95, "settle_fraction": 0.15, "reference": "batch", "gates": "deterministic"},
+    # warm-up 200: the model first has to recover what the step-0 gates cost (0.05 nats at b = 4; it does
+    # within ~50 steps). validation: the constraint read on held-out-play rows, as the acceptance measures
+    # it (training rows understate the gap: the model goes on fitting the plays it was pretrained on).
+    # max_log_step 0.02: at 0.1 beta swung three decades in ~60 steps and density with it
+    "geco": {"beta_init": 1e-3, "beta_min": 1e-4, "warmup_steps": 200, "rate": 0.5, "max_log_step": 0.02,
+             "smoothing": 0.95, "settle_fraction": 0.15, "reference": "validation"},
     # b = 4: deterministic gates at step 0 cost 0.20 nats of held-out CE at b = 1 (66% density), 0.12 at
     # b = 2, 0.05 at b = 4 (86%), 0.02 at b = 6 (92%)
     "gate": {"bias": 4.0},
