@@ -90,6 +90,7 @@ class GateConfig(Section):
 
 
 REFERENCES = ("heldout", "batch", "validation")  # GecoConfig.reference
+CONSTRAINTS = ("ce", "kl")  # GecoConfig.constraint  # GecoConfig.reference
 CONSTRAINED_GATES = ("sampled", "deterministic")  # GecoConfig.gates
 
 
@@ -122,6 +123,12 @@ class GecoConfig(Section):
     # settle phase: the model first sparsifies at a loose target, then buys the loss back at the density it
     # reached. None: the tolerance holds from step 0.
     tolerance_start: float | None = None
+    # what is trained and held to the tolerance: "ce" = the cross-entropy against the data's next tokens
+    # (the gap to the dense model's, per ``reference``); "kl" = KL(dense || sparse) of the next-token
+    # distributions, the dense model a frozen copy beside the student, trained on as the loss (distillation)
+    # and held below the tolerance itself (0 for the dense model), on the training rows ("batch") or the
+    # validation rows ("validation")
+    constraint: str = "ce"
 
     def __post_init__(self):
         check_types(self, "geco")
@@ -147,6 +154,11 @@ class GecoConfig(Section):
             raise ConfigError(f"geco.gates must be one of {', '.join(CONSTRAINED_GATES)}, got {self.gates!r}")
         if self.reference not in REFERENCES:
             raise ConfigError(f"geco.reference must be one of {', '.join(REFERENCES)}, got {self.reference!r}")
+        if self.constraint not in CONSTRAINTS:
+            raise ConfigError(f"geco.constraint must be one of {', '.join(CONSTRAINTS)}, got {self.constraint!r}")
+        if self.constraint == "kl" and self.reference == "heldout":
+            raise ConfigError("geco.constraint 'kl' is read against the dense model on the same rows; use "
+                              "--geco-reference batch or validation with it")
 
 
 

@@ -223,3 +223,65 @@ def test_periodic_evaluation_is_held_against_the_dense_ce_of_the_same_rows(eval_
     assert records[0].heldout_tau == pytest.approx(want, rel=1e-5)
     assert (records[0].heldout_tau != pytest.approx(result.tau, rel=1e-6)) == (eval_batches is not None)
 
+
+def test_next_token_kl_is_the_kl_of_the_scored_positions():
+    import torch
+
+    from spartan_cli.training.train import next_token_kl
+
+    g = torch.Generator().manual_seed(0)
+    t, s = torch.randn(2, 5, 7, generator=g), torch.randn(2, 5, 7, generator=g)
+    labels = torch.randint(0, 7, (2, 5), generator=g)
+    labels[1, 3:] = -100  # positions 2 and 3 of row 1 predict unscored tokens
+    pt, ls = torch.softmax(t, -1), torch.log_softmax(s, -1)
+    per = (pt * (pt.log() - ls)).sum(-1)[:, :-1]  # (2, 4): position p predicts token p + 1
+    want = torch.cat([per[0], per[1, :2]]).mean()
+    assert float(next_token_kl(t, s, labels)) == pytest.approx(float(want), rel=1e-6)
+    assert float(next_token_kl(t, t, labels)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_kl_constraint_reads_the_kl_to_the_dense_model_on_the_validation_rows():
+    """geco.constraint "kl": the multiplier moves on KL(dense || sparse) of the validation batch against
+    the tolerance; it needs the dense model beside the student and a reference other than heldout."""
+    import copy
+
+    import torch
+
+    from spartan_cli.blocks import Splits, TokenBlocks
+    from spartan_cli.config import GateConfig, TrainConfig
+    from spartan_cli.errors import SpartanError
+    from spartan_cli.gating.attention import attach_gates
+    from spartan_cli.gating.scopes import deterministic_gates
+    from spartan_cli.training.train import SparsifyConfig, next_token_kl, sparsify
+    from tests.micro import BUILDERS, VOCAB
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, VOCAB, (40, 16), generator=g)
+    data = Splits(TokenBlocks(x[:32], x[:32].clone()), TokenBlocks(x[32:], x[32:].clone()))
+    dense = BUILDERS["gpt2"]().eval()
+    teacher = copy.deepcopy(dense).requires_grad_(False)
+    model = attach_gates(copy.deepcopy(dense), GateConfig(bias=1.0))
+    geco = GecoConfig(reference="validation", constraint="kl", warmup_steps=0, smoothing=0.0, rate=0.5,
+                      max_log_step=1.0)
+    cfg = SparsifyConfig(geco=geco, train=TrainConfig(steps=1, batch_size=4, lr=1e-3, log_every=1, eval_every=0,
+                                                      tolerance=0.02))
+    records = []
+    sparsify(model, data, cfg, on_step=records.append, reference=teacher)
+    rows = x[28:32]  # the first validation batch: the last 4 training blocks, carved off
+    with torch.no_grad(), deterministic_gates(model):
+        want = float(next_token_kl(teacher(input_ids=rows).logits, model(input_ids=rows).logits, rows))
+    first = records[0]
+    assert first.kl == pytest.approx(want, rel=1e-5) and first.kl > 0
+    step = max(-1.0, min(1.0, -0.5 * (first.kl - 0.02) / 0.05))
+    assert first.beta == pytest.approx(geco.beta_init * math.exp(step), rel=1e-6)
+    with pytest.raises(SpartanError, match="reference model"):
+        sparsify(model, data, cfg)
+    with pytest.raises(ConfigError, match="batch or validation"):
+        GecoConfig(constraint="kl")
+    # gates that never shut (b = 1e4): the student is the teacher and the trained KL is zero
+    open_model = attach_gates(copy.deepcopy(dense), GateConfig(bias=1e4))
+    records = []
+    batch_cfg = SparsifyConfig(geco=GecoConfig(reference="batch", constraint="kl"), train=cfg.train)
+    sparsify(open_model, data, batch_cfg, on_step=records.append, reference=teacher)
+    assert records[0].kl == pytest.approx(0.0, abs=1e-6)
+

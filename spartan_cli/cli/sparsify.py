@@ -49,6 +49,10 @@ FLAGS = [
     Flag("--geco-gates", "geco", "gates", click.Choice(["sampled", "deterministic"]),
          "Gates of the CE the constraint reads: the training forward's sampled ones, or deterministic 1[g > 0] "
          "(one more no-grad forward per step) [sampled]."),
+    Flag("--constraint", "geco", "constraint", click.Choice(["ce", "kl"]),
+         "What is trained and held to the tolerance: ce = cross-entropy against the data; kl = KL(dense || sparse) "
+         "of next-token distributions, with a frozen dense copy as teacher (needs --geco-reference batch or "
+         "validation) [ce]."),
     Flag("--tolerance-start", "geco", "tolerance_start", click.FloatRange(min=0),
          "Slack (nats) the constraint starts with, narrowed linearly to --tolerance by the settle phase "
          "[none: --tolerance from step 0]."),

@@ -198,7 +198,8 @@ def run_sparsify(
                         state_dict=weights)
 
     reference = None
-    if cfg.geco.reference == "batch":  # the dense base, frozen, beside the student (resume loads it afresh)
+    if cfg.geco.reference == "batch" or cfg.geco.constraint == "kl":  # the dense base, frozen, beside the
+        # student (resume loads it afresh)
         say("loading the dense reference model")
         reference, _, _ = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
         reference.to(device).requires_grad_(False)

@@ -71,6 +71,7 @@ class StepRecord:
     heldout_tau: float | None = None  # the target on the evaluated held-out rows (tau unless eval_batches caps them)
     ref_ce: float | None = None  # the frozen reference model's CE on the same rows (geco.reference "batch")
     det_ce: float | None = None  # CE of the same rows with deterministic gates (geco.gates "deterministic")
+    kl: float | None = None  # geco.constraint "kl": KL(dense || sparse) per token, what the multiplier reads
 
 
 @dataclass
@@ -217,6 +218,7 @@ class _Totals:
     reg: float = 0.0  # R
     opened: int = 0
     allowed: int = 0
+    kl: float = 0.0  # KL(dense || sparse) per token (geco.constraint "kl")
 
 
 def _setup(model, data: Splits, cfg: SparsifyConfig, reference, resume: TrainerState | None) -> _Run:
@@ -320,19 +322,24 @@ def _micro_step(run: _Run, step: int, a: int, beta: float, totals: _Totals) -> b
         bad = ~torch.isfinite(ce.detach() + beta * reg.detach())
         opened = torch.stack([s.stats.open_pairs.sum() for s in states]).sum()
         allowed = states[0].stats.allowed_pairs.sum() * len(states) * states[0].n_heads
-        ref_ce = torch.zeros((), device=run.device)
+        ref_ce = kl = torch.zeros((), device=run.device)
         if run.reference is not None:
             with torch.no_grad(), run.amp():
-                ref_ce = run.reference(input_ids=ids, labels=labels).loss.float()
-        # (CE * tokens, tokens, R, non-finite, open, allowed, reference CE * tokens) summed over ranks, fp64:
-        # exact counts
+                ref = run.reference(input_ids=ids, labels=labels)
+            ref_ce = ref.loss.float()
+            if run.gc.constraint == "kl":
+                kl = next_token_kl(ref.logits, out.logits, labels)
+                bad = bad | ~torch.isfinite(kl.detach())
+        # (CE * tokens, tokens, R, non-finite, open, allowed, reference CE * tokens, KL * tokens) summed over
+        # ranks, fp64: exact counts
         tot = distributed.sum_across(torch.stack([ce.detach().double() * n_tok, n_tok.double(), reg.detach().double(),
                                                   bad.double(), opened.double(), allowed.double(),
-                                                  ref_ce.double() * n_tok]), world)
+                                                  ref_ce.double() * n_tok, kl.detach().double() * n_tok]), world)
         if tot[3] > 0:  # every rank sees the same flag and skips together
             return False
         share = (n_tok * world.size / tot[1]).to(ce.dtype)  # 1 alone; DDP's rank mean: global CE
-        ((ce * share + beta * reg) / tc.grad_accum).backward()
+        trained = kl if run.gc.constraint == "kl" else ce  # distillation, or the data's next tokens
+        ((trained * share + beta * reg) / tc.grad_accum).backward()
     if run.gc.gates == "deterministic" and run.validation is None:  # after the backward: its gate stats go unused
         with torch.no_grad(), deterministic_gates(run.model), run.amp():
             det = run.model(input_ids=ids, labels=labels).loss.float()
@@ -343,7 +350,17 @@ def _micro_step(run: _Run, step: int, a: int, beta: float, totals: _Totals) -> b
     totals.reg += float(tot[2]) / world.size
     totals.opened += int(tot[4])
     totals.allowed += int(tot[5])
+    totals.kl += float(tot[7] / tot[1])
     return True
+
+
+def next_token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of the next-token distributions, mean over the scored positions (those whose
+    next label is not -100), in fp32: (batch, pos, vocab) logits -> a scalar with the student's gradient."""
+    scored = labels[:, 1:] != -100  # (batch, pos - 1): position t predicts token t + 1
+    t = torch.log_softmax(teacher_logits[:, :-1].float(), dim=-1)[scored]  # (n, vocab)
+    s = torch.log_softmax(student_logits[:, :-1].float(), dim=-1)[scored]
+    return (t.exp() * (t - s)).sum(-1).mean() if len(t) else student_logits.sum() * 0.0
 
 
 def _apply_update(run: _Run, state: TrainerState, step: int, finite: bool) -> bool:
@@ -388,12 +405,28 @@ def _validation_ce(run: _Run, state: TrainerState, step: int, totals: _Totals) -
     tokens = float(counts.sum())
     totals.det = float(sums.sum()) / tokens
     totals.ref = sum(ref["ce_sum"][r] for r in rows) / sum(ref["tokens"][r] for r in rows)
+    if run.gc.constraint == "kl":  # the teacher beside the student on the same rows
+        ids, labels = part.input_ids.to(run.device), part.labels.to(run.device)
+        with torch.no_grad(), run.amp(), deterministic_gates(run.model), evaluating(run.model):
+            totals.kl = float(next_token_kl(run.reference(input_ids=ids).logits, run.model(input_ids=ids).logits,
+                                            labels))
+
+
+def _kl(run: _Run, totals: _Totals) -> float | None:
+    """The step's KL (geco.constraint "kl"): of the validation batch, else the mean over the micro-batches."""
+    if run.gc.constraint != "kl":
+        return None
+    return totals.kl if run.validation is not None else totals.kl / run.tc.grad_accum
 
 
 def _update_multiplier(run: _Run, state: TrainerState, geco: GecoState, step: int, totals: _Totals) -> GecoState:
     """Step 3 of the module docstring: the constrained CE against the target (or the reference's CE on the
-    same rows plus the slack)."""
+    same rows plus the slack); with geco.constraint "kl", the KL to the dense model against the slack."""
     tc, gc = run.tc, run.gc
+    kl = _kl(run, totals)
+    if kl is not None:
+        return geco_update(geco, kl, tolerance_at(step, tc.steps, tc.tolerance, gc),
+                           gc, settling=step >= tc.steps * (1.0 - gc.settle_fraction))
     ce, ref, det = _step_means(run, totals)
     constrained = ce if det is None else det
     settling = step >= tc.steps * (1.0 - gc.settle_fraction)
@@ -419,7 +452,7 @@ def _step_record(run: _Run, state: TrainerState, geco: GecoState, totals: _Total
         elapsed_s=elapsed, eta_s=(tc.steps - state.step) * run.tokens_per_step / max(rate, 1e-9),
         heldout_ce=heldout.ce if heldout else None, heldout_density=heldout.density if heldout else None,
         heldout_tau=(state.tau if state.eval_base_ce is None else state.eval_base_ce + tc.tolerance) if heldout
-        else None, skipped=not finite, ref_ce=ref, det_ce=det)
+        else None, skipped=not finite, ref_ce=ref, det_ce=det, kl=_kl(run, totals))
 
 
 def sparsify(
@@ -437,9 +470,9 @@ def sparsify(
 
     ``reference``: the dense base model, frozen, on the same device; needed when ``geco.reference`` is
     "batch" (each step's constraint is the CE gap to it on the same rows)."""
-    if (cfg.geco.reference == "batch") != (reference is not None):
-        raise SpartanError("geco.reference 'batch' needs a reference model, and only it does; pass reference= "
-                           "with the dense base model, or use geco.reference 'heldout'")
+    if (cfg.geco.reference == "batch" or cfg.geco.constraint == "kl") != (reference is not None):
+        raise SpartanError("geco.reference 'batch' and geco.constraint 'kl' need a reference model, and only they "
+                           "do; pass reference= with the dense base model, or use geco.reference 'heldout'")
     tc = cfg.train
     if cfg.geco.reference == "validation":
         data = validation_split(data, tc.batch_size)
