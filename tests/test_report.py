@@ -75,3 +75,25 @@ def test_evaluate_result_round_trips():
     assert EvalResult.from_dict(back.metrics) == result
     assert back.metrics["ce_gap"] == pytest.approx(0.02)
     assert back.metrics["model"]["task"]["metrics"]["accuracy"]["value"] == 0.5
+
+
+@pytest.mark.parametrize("kind", ["plain", "gap", "kl"])
+def test_trajectory_draws_the_constraint_panel_when_the_run_had_one(tmp_path, kind):
+    """trajectory.png from train_log.jsonl records: three panels, or four with the constraint the
+    multiplier read (CE gap to the dense model on the same rows, or KL) against its slack."""
+    import matplotlib.image
+
+    from spartan_cli.measure.plots import trajectory
+
+    records = []
+    for step in range(1, 41):
+        r = {"step": step, "ce": 3.0 + 0.01 * step, "tau": 3.1, "beta": 1e-3 * step, "density": 0.9 - 0.02 * step,
+             "heldout_ce": 3.05 if step % 10 == 0 else None, "heldout_density": 0.5 if step % 10 == 0 else None}
+        if kind == "gap":
+            r.update(det_ce=3.1, ref_ce=3.08, slack=0.01)
+        elif kind == "kl":
+            r.update(kl=0.02, slack=0.05, ref_ce=3.0)
+        records.append(r)
+    path = trajectory(records, tmp_path / "t.png", title="test")
+    height = matplotlib.image.imread(path).shape[0]
+    assert (height > 900) == (kind != "plain")  # 9.5 in tall with the fourth panel, else 7.5 (110 dpi)

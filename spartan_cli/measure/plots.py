@@ -180,12 +180,18 @@ def attention_graph(prompt, path, *, min_weight: float = 0.05) -> Path:
 
 
 def trajectory(records: list[dict], path, *, title: str = "sparsify trajectory") -> Path:
-    """The run's course from its ``train_log.jsonl`` records, three panels over steps: density (log axis;
-    sampled-gate batches and deterministic held-out evaluations), CE against the target tau, and beta (log)."""
+    """The run's course from its ``train_log.jsonl`` records, over steps: density (log axis; sampled-gate
+    batches and deterministic held-out evaluations), CE against the target tau, the constraint the
+    multiplier reads (the CE gap to the dense model on the same rows, or the KL to it) against its slack,
+    when the run had one, and beta (log)."""
     steps = [r["step"] for r in records]
     evals = [r for r in records if r.get("heldout_ce") is not None]
-    fig = _figure(7.0, 7.5)
-    dens, ce, beta = fig.subplots(3, 1, sharex=True)
+    gaps = [(r["step"], r["kl"] if r.get("kl") is not None else (r["det_ce"] if r.get("det_ce") is not None
+                                                                  else r["ce"]) - r["ref_ce"], r.get("slack"))
+            for r in records if r.get("kl") is not None or r.get("ref_ce") is not None]
+    fig = _figure(7.0, 9.5 if gaps else 7.5)
+    panels = fig.subplots(4 if gaps else 3, 1, sharex=True)
+    dens, ce, beta = panels[0], panels[1], panels[-1]
     dens.plot(steps, [max(r["density"], 1e-6) for r in records], lw=1, color="tab:blue", label="training batch")
     if evals:
         dens.plot([r["step"] for r in evals], [max(r["heldout_density"], 1e-6) for r in evals], "o-", ms=3,
@@ -198,12 +204,6 @@ def trajectory(records: list[dict], path, *, title: str = "sparsify trajectory")
     dens.set_ylabel("attention density")
     dens.legend(fontsize=8)
     ce.plot(steps, [r["ce"] for r in records], lw=1, color="tab:blue", label="training CE (sampled gates)")
-    if any(r.get("det_ce") is not None for r in records):
-        ce.plot(steps, [r.get("det_ce") for r in records], lw=1, color="tab:orange",
-                label="training CE (deterministic gates)")
-    if any(r.get("ref_ce") is not None for r in records):
-        ce.plot(steps, [r.get("ref_ce") for r in records], lw=1, color="tab:gray",
-                label="dense reference, same rows")
     if evals:
         ce.plot([r["step"] for r in evals], [r["heldout_ce"] for r in evals], "o-", ms=3, color="tab:red",
                 label="held-out CE")
@@ -214,6 +214,16 @@ def trajectory(records: list[dict], path, *, title: str = "sparsify trajectory")
                 label="target on the evaluated rows")
     ce.set_ylabel("CE (nats/token)")
     ce.legend(fontsize=8)
+    if gaps:
+        con = panels[2]
+        kl = any(r.get("kl") is not None for r in records)
+        con.plot([g[0] for g in gaps], [g[1] for g in gaps], lw=0.8, color="tab:orange",
+                 label="KL to the dense model" if kl else "CE gap to the dense model, same rows")
+        if any(g[2] is not None for g in gaps):
+            con.plot([g[0] for g in gaps], [g[2] for g in gaps], "--", color="black", lw=1, label="slack")
+        con.axhline(0.0, color="gray", lw=0.5)
+        con.set_ylabel("constraint (nats)")
+        con.legend(fontsize=8)
     beta.plot(steps, [r["beta"] for r in records], color="tab:green", lw=1)
     beta.set_yscale("log")
     beta.set_ylabel("beta (sparsity weight)")

@@ -72,6 +72,7 @@ class StepRecord:
     ref_ce: float | None = None  # the frozen reference model's CE on the same rows (geco.reference "batch")
     det_ce: float | None = None  # CE of the same rows with deterministic gates (geco.gates "deterministic")
     kl: float | None = None  # geco.constraint "kl": KL(dense || sparse) per token, what the multiplier reads
+    slack: float | None = None  # the tolerance the constraint is held to at this step (tolerance_at)
 
 
 @dataclass
@@ -452,7 +453,8 @@ def _step_record(run: _Run, state: TrainerState, geco: GecoState, totals: _Total
         elapsed_s=elapsed, eta_s=(tc.steps - state.step) * run.tokens_per_step / max(rate, 1e-9),
         heldout_ce=heldout.ce if heldout else None, heldout_density=heldout.density if heldout else None,
         heldout_tau=(state.tau if state.eval_base_ce is None else state.eval_base_ce + tc.tolerance) if heldout
-        else None, skipped=not finite, ref_ce=ref, det_ce=det, kl=_kl(run, totals))
+        else None, skipped=not finite, ref_ce=ref, det_ce=det, kl=_kl(run, totals),
+        slack=tolerance_at(state.step - 1, tc.steps, tc.tolerance, run.gc))
 
 
 def sparsify(
