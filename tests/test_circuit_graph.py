@@ -144,3 +144,24 @@ def test_networkx_export_merges_qkv_slots():
 def test_unknown_selection_names_the_valid_ones():
     with pytest.raises(ConfigError, match="greedy, topn"):
         select(_scored(), 3, how="best")
+
+
+def test_component_and_token_graphs_implement_one_protocol():
+    """The search and the files read both graph types through driver.CircuitGraph."""
+    import torch
+
+    from spartan_cli.circuit.driver import CircuitGraph
+    from spartan_cli.circuit.tokens import TokenGraph
+
+    component = Graph.from_shape(2, 3)
+    pairs = torch.zeros(2, 3, 4, 4, dtype=torch.bool)
+    pairs[:, :, 3, :] = True  # the last query reads every key
+    tokens = TokenGraph.build(component, n_pos=4, metric_positions=(3,), attn_pairs=pairs, gated=False)
+    for graph in (component, tokens):
+        assert isinstance(graph, CircuitGraph), type(graph).__name__
+        assert graph.real.shape == graph.scores.shape == graph.in_graph.shape
+        assert int(graph.real.sum()) == graph.n_real_edges
+        empty = graph.with_circuit(torch.zeros_like(graph.in_graph))
+        assert empty.n_edges == 0 and graph.n_edges == graph.n_real_edges  # built with every edge in
+        assert len(graph.edges(in_graph_only=True)) == graph.n_edges
+        assert sorted(e.score for e in graph.edges()) == sorted(graph.scores[graph.real].tolist())

@@ -30,7 +30,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 from spartan_cli.circuit.curve import Curve, CurvePoint, SweepChoice, refine_sizes
 from spartan_cli.errors import ConfigError
@@ -247,6 +247,39 @@ def minimize(model, batches, task, cfg: CircuitConfig, scored, circuit, point: C
                        on_step=lambda n, tried, edges: say(Progress(f"{stage}, pass {n}", tried, edges)))
     timing["minimize_s"] = time.perf_counter() - t
     return result
+
+@runtime_checkable
+class CircuitGraph(Protocol):
+    """What the search and the files read of a graph, at either level: ``graph.Graph`` (components; scores
+    and membership as (n_forward, n_backward) tensors) and ``tokens.TokenGraph`` (components at positions
+    and attention pairs; a flat edge list) both implement it."""
+
+    scores: Any  # per edge, signed: m(edge patched) - m(clean)
+    in_graph: Any  # bool, same shape: the circuit
+    meta: dict  # model, task, method, ... (JSON-able)
+
+    @property
+    def real(self) -> Any: ...  # bool, same shape: which entries are edges
+
+    @property
+    def n_real_edges(self) -> int: ...
+
+    @property
+    def n_edges(self) -> int: ...  # edges in the circuit
+
+    @property
+    def n_nodes(self) -> int: ...  # nodes on the circuit's paths
+
+    def edges(self, *args, **kwargs) -> list: ...  # read-only views, named like EAP-IG's
+
+    def edge_index(self, *names: str) -> Any: ...  # by EAP-IG name (component) or (src, dst) (token)
+
+    def with_circuit(self, in_graph) -> CircuitGraph: ...
+
+    def with_scores(self, scores, **meta) -> CircuitGraph: ...
+
+    def to_dict(self) -> dict: ...
+
 
 @dataclass(frozen=True)
 class Level:

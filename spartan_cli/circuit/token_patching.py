@@ -64,15 +64,11 @@ class Attended:
     edges: torch.Tensor  # (batch, n_heads, pos_q, pos_k) bool: open gates (gated) or allowed pairs (dense)
 
 
-def _gating(module, attention):
-    """(gate kind, bias, forced) of a gated module whose attention is spartan's, else None (dense)."""
+def _gate_state(module, attention):
+    """The GateState of a gated module whose attention is spartan's, else None (dense)."""
     from spartan_cli.gating.attention import STATE_ATTR, gated_attention_forward
-    from spartan_cli.gating.gates import gate_kind
 
-    if attention is not gated_attention_forward:
-        return None
-    state = getattr(module, STATE_ATTR)
-    return gate_kind(state.cfg.kind), state.cfg.bias, state.forced
+    return getattr(module, STATE_ATTR) if attention is gated_attention_forward else None
 
 
 def mixed_attention(module, attention, q, k, v, mask, *, scaling, k_alt=None, v_alt=None, keep_k=None,
@@ -90,17 +86,13 @@ def mixed_attention(module, attention, q, k, v, mask, *, scaling, k_alt=None, v_
         s = s_alt + keep_k.to(dt) * (s - s_alt)
     allowed = allowed_mask(mask, T, T, q.device)  # (batch|1, 1, pos_q, pos_k) bool
     p = torch.softmax(s.masked_fill(~allowed, torch.finfo(s.dtype).min), dim=-1)
-    gating = _gating(module, attention)
-    if gating is None:
+    state = _gate_state(module, attention)
+    if state is None:
         a, edges = p, allowed.expand(B, H, T, T)
     else:
-        kind, bias, forced = gating
-        if forced is not None:
-            forced = forced.to(q.device)
-            edges = (forced.view(1, -1, 1, 1) if forced.dim() == 1 else forced) & allowed
-        else:
-            edges = kind.deterministic(kind.logits(s.detach(), bias)) & allowed
-        edges = edges.expand(B, H, T, T)
+        from spartan_cli.gating.attention import gates
+
+        edges = gates(state, s.detach(), allowed).bool().expand(B, H, T, T)  # deterministic, or forced
         a = p * edges
     vf = v.to(dt)
     if keep_v is None:

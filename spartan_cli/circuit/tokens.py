@@ -136,6 +136,11 @@ class TokenGraph:
         return self.n_edges_total
 
     @property
+    def real(self) -> torch.Tensor:
+        """(n_edges_total,) bool: every entry of the flat edge list is an edge (the protocol's real-edge mask)."""
+        return torch.ones(self.n_edges_total, dtype=torch.bool)
+
+    @property
     def n_edges(self) -> int:
         return int(self.in_graph.sum())
 

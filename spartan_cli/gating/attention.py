@@ -104,6 +104,36 @@ def choose_path(state: GateState, query_shape, k_len: int, *, dropout: float = 0
     return "chunked" if scores_mb > state.chunk_mb else "fused"
 
 
+def forced_gates(state: GateState, device) -> torch.Tensor | None:
+    """The gates a scope forces (``state.forced``), broadcastable to (batch, n_heads, q, k) bool, or None."""
+    if state.forced is None:
+        return None
+    forced = state.forced.to(device)
+    return forced.view(1, -1, 1, 1) if forced.dim() == 1 else forced  # per head, or per pair
+
+
+def gates(state: GateState, scores: torch.Tensor, allowed: torch.Tensor, *, sample: bool = False) -> torch.Tensor:
+    """M for the scores s = q.k * scaling (batch, n_heads, q, k), fp32 0/1 on the allowed pairs: forced by a
+    scope, else sampled (training: ``sample``, the state's generators), else deterministic 1[g > 0], with
+    g = s + b. The one gate rule of the reference attention, token-level patching and attribution; the
+    fused paths compute the same from ``Gating`` (``_gating``)."""
+    forced = forced_gates(state, scores.device)
+    if forced is not None:
+        return (forced & allowed).to(scores.dtype)
+    kind = gate_kind(state.cfg.kind)
+    g = kind.logits(scores, state.cfg.bias)
+    if sample:
+        return kind.sample(g, generator=state.generator) * allowed
+    return (kind.deterministic(g) & allowed).to(scores.dtype)
+
+
+def soft_gates(state: GateState, scores: torch.Tensor) -> torch.Tensor:
+    """sigmoid(g) (the gate kind's open probability) for scores s: what the density term averages and what
+    the straight-through gradient differentiates."""
+    kind = gate_kind(state.cfg.kind)
+    return kind.open_probability(kind.logits(scores, state.cfg.bias))
+
+
 def reference_attention(module, state: GateState, query, key, value, allowed, scaling, dropout):
     """The gated attention as a composition of torch ops, differentiated by autograd: the definition the
     fused and chunked paths are tested against, and the path for attention dropout (training outside the
@@ -114,19 +144,11 @@ def reference_attention(module, state: GateState, query, key, value, allowed, sc
     pattern = torch.softmax(scores.masked_fill(~allowed, neg), dim=-1)  # P, (batch, n_heads, q, k)
     kind = gate_kind(state.cfg.kind)
     g = kind.logits(scores, state.cfg.bias)  # (batch, n_heads, q, k) fp32
-    if state.forced is not None:
-        forced = state.forced.to(query.device)
-        if forced.dim() == 1:  # per head
-            forced = forced.view(1, -1, 1, 1)
-        gates = (forced & allowed).to(scores.dtype)
-    elif module.training and state.stochastic:
-        gates = kind.sample(g, generator=state.generator) * allowed
-    else:
-        gates = (kind.deterministic(g) & allowed).to(scores.dtype)
+    mask = gates(state, scores, allowed, sample=module.training and state.stochastic)
 
     if state.record:
         n_allowed = allowed.sum(dim=(-1, -2)).clamp_min(1).to(scores.dtype)  # (batch|1, 1)
-        prob = kind.open_probability(g).masked_fill(~allowed, 0.0)
+        prob = soft_gates(state, scores).masked_fill(~allowed, 0.0)
         state.stats = GateStats(
             density_term=prob.sum(dim=(-1, -2)) / n_allowed,  # (batch, n_heads)
             open_pairs=(kind.deterministic(g.detach()) & allowed).sum(dim=(-1, -2)),
@@ -137,7 +159,7 @@ def reference_attention(module, state: GateState, query, key, value, allowed, sc
     if state.keep_pattern:
         state.pattern = pattern.detach()
 
-    weights = (pattern * gates).to(value.dtype)  # A = P * M, no renormalisation
+    weights = (pattern * mask).to(value.dtype)  # A = P * M, no renormalisation
     if dropout > 0.0:
         weights = torch.nn.functional.dropout(weights, p=dropout, training=True)
     output = torch.matmul(weights, value)  # (batch, n_heads, q, d_head)
@@ -145,12 +167,8 @@ def reference_attention(module, state: GateState, query, key, value, allowed, sc
 
 
 def _gating(module, state: GateState, device) -> Gating:
-    forced = None
-    if state.forced is not None:
-        forced = state.forced.to(device)
-        if forced.dim() == 1:  # per head
-            forced = forced.view(1, -1, 1, 1)
-        forced = forced.to(torch.float32)
+    forced = forced_gates(state, device)
+    forced = None if forced is None else forced.to(torch.float32)
     return Gating(bias=state.cfg.bias, sample=forced is None and module.training and state.stochastic,
                   forced=forced, generator=state.generator, record=state.record,
                   keep_logits=state.keep_gate_logits, keep_pattern=state.keep_pattern)
