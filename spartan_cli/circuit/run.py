@@ -85,12 +85,7 @@ def _ratio(base, model, what: str) -> float | None:
 
 def circuit_run(cfg: CircuitConfig, *, on_progress: Callable | None = None) -> CircuitRun:
     """Load ``cfg.model``, find its circuit, and with ``compare_base`` its base model's (see module docstring)."""
-    import gc
-    from dataclasses import replace
-
-    from spartan_cli.hf.subjects import base_model_name, load_base, load_subject_and_task
-
-    from spartan_cli.progress import Progress
+    from spartan_cli.hf.subjects import base_model_name, load_subject_and_task, swap_for_base
 
     say = on_progress or (lambda p: log.info(p.stage))
     subject, task, device = load_subject_and_task(cfg, say)
@@ -105,10 +100,8 @@ def circuit_run(cfg: CircuitConfig, *, on_progress: Callable | None = None) -> C
     result = find_circuit(subject.model, subject.tokenizer, cfg, task=task, name=cfg.model, on_progress=on_progress)
     base = None
     if base_name is not None:
-        subject = replace(subject, model=None)
-        gc.collect()  # one model in memory at a time
-        say(Progress(f"loading base model {base_name}", 0, None))
-        base_model, _ = load_base(base_name, subject, device=device, trust_remote_code=cfg.trust_remote_code)
+        subject, base_model = swap_for_base(subject, base_name, device=device,
+                                            trust_remote_code=cfg.trust_remote_code, say=say)
         base = find_circuit(base_model, subject.tokenizer, cfg, task=task, name=base_name, on_progress=on_progress)
     resolved = {**cfg.to_dict(), "task": task.spec, "baseline": base_name, "device": str(device)}
     return CircuitRun(model=result, base=base, config=resolved, task=task.describe())

@@ -47,6 +47,19 @@ def load_subject(name: str, *, device=None, trust_remote_code: bool = False) -> 
     return Subject(model=model, tokenizer=tokenizer, name=name, source=source, meta=None)
 
 
+def swap_for_base(subject: Subject, base_name: str, *, device, trust_remote_code: bool, say):
+    """(subject without its model, the base model): the subject's model is freed first, so only one model
+    is in memory at a time; the base must tokenise like the subject (``load_base``)."""
+    import gc
+    from dataclasses import replace
+
+    subject = replace(subject, model=None)
+    gc.collect()
+    say(Progress(f"loading base model {base_name}", 0, None))
+    base, _ = load_base(base_name, subject, device=device, trust_remote_code=trust_remote_code)
+    return subject, base
+
+
 def load_subject_and_task(cfg, say: Callable[[Progress], None]):
     """(subject, task, device) for a verb's config (``model``, ``task``, ``device``, ``trust_remote_code``):
     the task is ``cfg.task``, else the built-in model's own (None if it has none). An unknown task name

@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from spartan_cli.errors import ConfigError, DataError
-from spartan_cli.hf.subjects import Subject, base_model_name, load_base, load_subject_and_task
+from spartan_cli.hf.subjects import Subject, base_model_name, load_subject_and_task, swap_for_base
 from spartan_cli.progress import Progress
 from spartan_cli.tasks import TaskResult
 
@@ -238,7 +238,6 @@ class EvaluateRun:
 
 def evaluate_run(cfg: EvaluateConfig, *, on_progress: Callable[[Progress], None] | None = None) -> EvaluateRun:
     """Steps 1-4 of the module docstring."""
-    import gc
 
     say = on_progress or (lambda p: log.info(p.stage))
     subject, task, device = load_subject_and_task(cfg, say)
@@ -261,10 +260,8 @@ def evaluate_run(cfg: EvaluateConfig, *, on_progress: Callable[[Progress], None]
 
     base_scores = None
     if base_name is not None:
-        subject = replace(subject, model=None)
-        gc.collect()  # one model in memory at a time
-        say(Progress(f"loading base model {base_name}", 0, None))
-        base, _ = load_base(base_name, subject, device=device, trust_remote_code=cfg.trust_remote_code)
+        subject, base = swap_for_base(subject, base_name, device=device, trust_remote_code=cfg.trust_remote_code,
+                                      say=say)
         base_scores = score(base, blocks, name=base_name, **kwargs)
     resolved = {**cfg.to_dict(), "task": None if task is None else task.name, "baseline": base_name,
                 "device": str(device)}
