@@ -18,7 +18,9 @@ from typing import Callable
 from spartan_cli.circuit.curve import Curve, CurvePoint, SweepChoice
 from spartan_cli.circuit.driver import (CircuitConfig, Found, Level, curve_rows, minimized_point, search,
                                         sweep_summary)
+from spartan_cli.circuit.faithfulness import evaluate, sweep
 from spartan_cli.circuit.graph import Graph
+from spartan_cli.circuit.select import prune, select
 
 GATES_NOTE = ("deterministic gates 1[g > 0] in attribution and patching; gates are recomputed from the patched "
               "q/k in every patched run; EAP gradients pass the gates as gate_gradient says (hard: zero; "
@@ -188,32 +190,12 @@ def _finish(model, batches, found: Found, cfg, say) -> CircuitResult:
                          minimized=found.minimized)
 
 
-def _sweep(model, batches, **kwargs) -> Curve:
-    from spartan_cli.circuit.faithfulness import sweep
-
-    return sweep(model, batches, **kwargs)
-
-
 def _select(scored: Graph, requested: int, selection: str) -> Graph:
-    from spartan_cli.circuit.select import select
-
     return select(scored, requested, how=selection)
 
 
-def _evaluate(model, batches, **kwargs):
-    from spartan_cli.circuit.faithfulness import evaluate
-
-    return evaluate(model, batches, **kwargs)
-
-
-def _prune(graph: Graph, in_graph):
-    from spartan_cli.circuit.select import prune
-
-    return prune(graph, in_graph)
-
-
-COMPONENT = Level(name="component", prefix="", attribute=_attribute, sweep=_sweep, select=_select,
-                  evaluate=_evaluate, prune=_prune, finish=_finish)
+COMPONENT = Level(name="component", prefix="", attribute=_attribute, sweep=sweep, select=_select,
+                  evaluate=evaluate, prune=prune, finish=_finish)
 
 
 def find_component_circuit(model, tokenizer, cfg: CircuitConfig, *, task, name: str | None = None,

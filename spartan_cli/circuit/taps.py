@@ -170,7 +170,7 @@ def _straight_through_term(module, q, k, v, mask, scaling, scores=None) -> torch
     straight-through one of its deterministic gates, or None for an ungated layer or gates forced by a scope.
     q, k, v: (batch, n_heads, pos, d_head), one k/v per query head (as wiring hands them over); ``scores``:
     the layer's q.k * scaling when the caller has them (the gradient then also reaches that tensor)."""
-    from spartan_cli.gating.attention import STATE_ATTR, allowed_mask, soft_gates
+    from spartan_cli.gating.attention import STATE_ATTR, allowed_mask, gate_logits, soft_gates
 
     state = getattr(module, STATE_ATTR, None)
     if state is None or state.forced is not None:
@@ -181,7 +181,7 @@ def _straight_through_term(module, q, k, v, mask, scaling, scores=None) -> torch
             scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scaling  # (batch, n_heads, q, k)
     allowed = allowed_mask(mask, q.shape[2], k.shape[2], q.device)  # (batch|1, 1, q, k)
     pattern = torch.softmax(scores.detach().masked_fill(~allowed, torch.finfo(scores.dtype).min), dim=-1)  # P
-    soft = soft_gates(state, scores)  # sigmoid(g), (batch, n_heads, q, k)
+    soft = soft_gates(state, gate_logits(state, scores))  # sigmoid(g), (batch, n_heads, q, k)
     surrogate = (pattern * (soft - soft.detach())).masked_fill(~allowed, 0.0)  # value 0, gradient P sigmoid'(g)
     return torch.matmul(surrogate.to(v.dtype), v.detach()).transpose(1, 2)  # (batch, pos, n_heads, d_head)
 

@@ -26,7 +26,9 @@ from typing import Callable
 
 from spartan_cli.circuit.curve import Curve, CurvePoint, SweepChoice
 from spartan_cli.circuit.driver import Found, Level, curve_rows, minimized_point, search, sweep_summary
-from spartan_cli.circuit.tokens import TokenGraph
+from spartan_cli.circuit.token_patching import evaluate_tokens, sweep_tokens
+from spartan_cli.circuit.tokens import TokenGraph, select_tokens, selection_order
+from spartan_cli.circuit.tokens import prune as prune_tokens
 from spartan_cli.errors import ConfigError, TaskError
 
 TOKEN_NOTE = ("token level: nodes (component, position); residual edges at one position; attention edges key "
@@ -160,28 +162,8 @@ def _attribute(model, batches, *, cfg, metric, meta, gated, on_step) -> TokenGra
                             on_step=on_step, gate_gradient=cfg.gate_gradient)
 
 
-def _sweep(model, batches, **kwargs):
-    from spartan_cli.circuit.token_patching import sweep_tokens
-
-    return sweep_tokens(model, batches, **kwargs)
-
-
 def _select(scored: TokenGraph, requested: int, selection: str) -> TokenGraph:
-    from spartan_cli.circuit.tokens import select_tokens, selection_order
-
     return select_tokens(scored, requested, order=selection_order(scored, selection))
-
-
-def _evaluate(model, batches, **kwargs):
-    from spartan_cli.circuit.token_patching import evaluate_tokens
-
-    return evaluate_tokens(model, batches, **kwargs)
-
-
-def _prune(graph: TokenGraph, in_graph):
-    from spartan_cli.circuit.tokens import prune
-
-    return prune(graph, in_graph)
 
 
 def _finish(model, batches, found: Found, cfg, say) -> TokenCircuitResult:
@@ -190,8 +172,8 @@ def _finish(model, batches, found: Found, cfg, say) -> TokenCircuitResult:
                               n_examples=found.n_examples, minimized=found.minimized)
 
 
-TOKEN = Level(name="token", prefix="token ", attribute=_attribute, sweep=_sweep, select=_select, evaluate=_evaluate,
-              prune=_prune, finish=_finish, check=_check)
+TOKEN = Level(name="token", prefix="token ", attribute=_attribute, sweep=sweep_tokens, select=_select,
+              evaluate=evaluate_tokens, prune=prune_tokens, finish=_finish, check=_check)
 
 
 def find_token_circuit(model, tokenizer, cfg, *, task, name: str | None = None,

@@ -90,9 +90,9 @@ def mixed_attention(module, attention, q, k, v, mask, *, scaling, k_alt=None, v_
     if state is None:
         a, edges = p, allowed.expand(B, H, T, T)
     else:
-        from spartan_cli.gating.attention import gates
+        from spartan_cli.gating.attention import gate_logits, gates
 
-        edges = gates(state, s.detach(), allowed).bool().expand(B, H, T, T)  # deterministic, or forced
+        edges = gates(state, gate_logits(state, s.detach()), allowed).bool().expand(B, H, T, T)  # 1[g > 0] or forced
         a = p * edges
     vf = v.to(dt)
     if keep_v is None:

@@ -112,26 +112,29 @@ def forced_gates(state: GateState, device) -> torch.Tensor | None:
     return forced.view(1, -1, 1, 1) if forced.dim() == 1 else forced  # per head, or per pair
 
 
-def gates(state: GateState, scores: torch.Tensor, allowed: torch.Tensor, *, sample: bool = False) -> torch.Tensor:
-    """M for the scores s = q.k * scaling (batch, n_heads, q, k), fp32 0/1 on the allowed pairs: forced by a
-    scope, else sampled (training: ``sample``, the state's generators), else deterministic 1[g > 0], with
-    g = s + b. The one gate rule of the reference attention, token-level patching and attribution; the
-    fused paths compute the same from ``Gating`` (``_gating``)."""
-    forced = forced_gates(state, scores.device)
+def gate_logits(state: GateState, scores: torch.Tensor) -> torch.Tensor:
+    """g for the scores s = q.k * scaling (batch, n_heads, q, k): the gate kind's logits, s + b for the paper's."""
+    return gate_kind(state.cfg.kind).logits(scores, state.cfg.bias)
+
+
+def gates(state: GateState, g: torch.Tensor, allowed: torch.Tensor, *, sample: bool = False) -> torch.Tensor:
+    """M for the gate logits g (``gate_logits``), fp32 0/1 on the allowed pairs: forced by a scope, else
+    sampled (training: ``sample``, the state's generators), else deterministic 1[g > 0]. The one gate rule
+    of the reference attention, token-level patching and attribution; the fused paths compute the same
+    from ``Gating`` (``_gating``)."""
+    forced = forced_gates(state, g.device)
     if forced is not None:
-        return (forced & allowed).to(scores.dtype)
+        return (forced & allowed).to(g.dtype)
     kind = gate_kind(state.cfg.kind)
-    g = kind.logits(scores, state.cfg.bias)
     if sample:
         return kind.sample(g, generator=state.generator) * allowed
-    return (kind.deterministic(g) & allowed).to(scores.dtype)
+    return (kind.deterministic(g) & allowed).to(g.dtype)
 
 
-def soft_gates(state: GateState, scores: torch.Tensor) -> torch.Tensor:
-    """sigmoid(g) (the gate kind's open probability) for scores s: what the density term averages and what
-    the straight-through gradient differentiates."""
-    kind = gate_kind(state.cfg.kind)
-    return kind.open_probability(kind.logits(scores, state.cfg.bias))
+def soft_gates(state: GateState, g: torch.Tensor) -> torch.Tensor:
+    """sigmoid(g) (the gate kind's open probability) for the gate logits g: what the density term averages
+    and what the straight-through gradient differentiates."""
+    return gate_kind(state.cfg.kind).open_probability(g)
 
 
 def reference_attention(module, state: GateState, query, key, value, allowed, scaling, dropout):
@@ -143,12 +146,12 @@ def reference_attention(module, state: GateState, query, key, value, allowed, sc
     neg = torch.finfo(scores.dtype).min
     pattern = torch.softmax(scores.masked_fill(~allowed, neg), dim=-1)  # P, (batch, n_heads, q, k)
     kind = gate_kind(state.cfg.kind)
-    g = kind.logits(scores, state.cfg.bias)  # (batch, n_heads, q, k) fp32
-    mask = gates(state, scores, allowed, sample=module.training and state.stochastic)
+    g = gate_logits(state, scores)  # (batch, n_heads, q, k) fp32
+    mask = gates(state, g, allowed, sample=module.training and state.stochastic)
 
     if state.record:
         n_allowed = allowed.sum(dim=(-1, -2)).clamp_min(1).to(scores.dtype)  # (batch|1, 1)
-        prob = soft_gates(state, scores).masked_fill(~allowed, 0.0)
+        prob = soft_gates(state, g).masked_fill(~allowed, 0.0)
         state.stats = GateStats(
             density_term=prob.sum(dim=(-1, -2)) / n_allowed,  # (batch, n_heads)
             open_pairs=(kind.deterministic(g.detach()) & allowed).sum(dim=(-1, -2)),

@@ -179,6 +179,15 @@ def attention_graph(prompt, path, *, min_weight: float = 0.05) -> Path:
     return _save(fig, path)
 
 
+def _constraint(record: dict) -> float:
+    """What the multiplier read at a step: the KL to the dense model, else the CE gap to it on the same rows
+    (deterministic-gate CE when the run measured one, else the training CE)."""
+    if record.get("kl") is not None:
+        return record["kl"]
+    ce = record["det_ce"] if record.get("det_ce") is not None else record["ce"]
+    return ce - record["ref_ce"]
+
+
 def trajectory(records: list[dict], path, *, title: str = "sparsify trajectory") -> Path:
     """The run's course from its ``train_log.jsonl`` records, over steps: density (log axis; sampled-gate
     batches and deterministic held-out evaluations), CE against the target tau, the constraint the
@@ -186,9 +195,8 @@ def trajectory(records: list[dict], path, *, title: str = "sparsify trajectory")
     when the run had one, and beta (log)."""
     steps = [r["step"] for r in records]
     evals = [r for r in records if r.get("heldout_ce") is not None]
-    gaps = [(r["step"], r["kl"] if r.get("kl") is not None else (r["det_ce"] if r.get("det_ce") is not None
-                                                                  else r["ce"]) - r["ref_ce"], r.get("slack"))
-            for r in records if r.get("kl") is not None or r.get("ref_ce") is not None]
+    gaps = [(r["step"], _constraint(r), r.get("slack")) for r in records
+            if r.get("kl") is not None or r.get("ref_ce") is not None]
     fig = _figure(7.0, 9.5 if gaps else 7.5)
     panels = fig.subplots(4 if gaps else 3, 1, sharex=True)
     dens, ce, beta = panels[0], panels[1], panels[-1]

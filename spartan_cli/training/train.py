@@ -262,20 +262,23 @@ def validation_split(data: Splits, batch_size: int) -> Splits:
     return Splits(train=data.train.slice(0, keep), heldout=data.heldout, validation=data.train.slice(keep, len(data.train)))
 
 
-def row_losses(model, blocks: TokenBlocks, *, batch_size: int, amp=nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
+def _row_ce(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row summed next-token CE (nats, float64, on the CPU) and scored tokens: (rows, pos, vocab) logits."""
+    target = labels[:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), target, ignore_index=-100,
+                                           reduction="none")  # (rows, pos - 1)
+    return ce.double().sum(1).cpu(), (target != -100).sum(1).cpu()
+
+
+def row_losses(model, blocks: TokenBlocks, *, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row summed CE (nats, float64) and scored tokens of ``blocks``, no grad, as the model is now."""
     sums, counts = [], []
     device = next(model.parameters()).device
     with torch.no_grad():
         for part in blocks.batches(batch_size):
-            ids, labels = part.input_ids.to(device), part.labels.to(device)
-            with amp():
-                logits = model(input_ids=ids).logits[:, :-1].float()  # (rows, pos - 1, vocab)
-            target = labels[:, 1:]
-            ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100,
-                                                   reduction="none")  # (rows, pos - 1)
-            sums.append(ce.double().sum(1).cpu())
-            counts.append((target != -100).sum(1).cpu())
+            s, c = _row_ce(model(input_ids=part.input_ids.to(device)).logits, part.labels.to(device))
+            sums.append(s)
+            counts.append(c)
     return torch.cat(sums), torch.cat(counts)
 
 
@@ -399,18 +402,15 @@ def _validation_ce(run: _Run, state: TrainerState, step: int, totals: _Totals) -
     rank computes the whole batch, so all see the same figures."""
     n = len(run.validation)
     rows = [(step * run.tc.batch_size + i) % n for i in range(min(run.tc.batch_size, n))]
-    part = TokenBlocks(run.validation.input_ids[rows], run.validation.labels[rows])
-    with deterministic_gates(run.model), evaluating(run.model):
-        sums, counts = row_losses(run.model, part, batch_size=len(rows), amp=run.amp)
+    ids, labels = run.validation.input_ids[rows].to(run.device), run.validation.labels[rows].to(run.device)
+    with torch.no_grad(), deterministic_gates(run.model), evaluating(run.model), run.amp():
+        logits = run.model(input_ids=ids).logits
+        if run.gc.constraint == "kl":  # the teacher beside the student on the same rows
+            totals.kl = float(next_token_kl(run.reference(input_ids=ids).logits, logits, labels))
+    sums, counts = _row_ce(logits, labels)
     ref = state.validation_ref
-    tokens = float(counts.sum())
-    totals.det = float(sums.sum()) / tokens
+    totals.det = float(sums.sum()) / float(counts.sum())
     totals.ref = sum(ref["ce_sum"][r] for r in rows) / sum(ref["tokens"][r] for r in rows)
-    if run.gc.constraint == "kl":  # the teacher beside the student on the same rows
-        ids, labels = part.input_ids.to(run.device), part.labels.to(run.device)
-        with torch.no_grad(), run.amp(), deterministic_gates(run.model), evaluating(run.model):
-            totals.kl = float(next_token_kl(run.reference(input_ids=ids).logits, run.model(input_ids=ids).logits,
-                                            labels))
 
 
 def _kl(run: _Run, totals: _Totals) -> float | None:
@@ -424,14 +424,13 @@ def _update_multiplier(run: _Run, state: TrainerState, geco: GecoState, step: in
     """Step 3 of the module docstring: the constrained CE against the target (or the reference's CE on the
     same rows plus the slack); with geco.constraint "kl", the KL to the dense model against the slack."""
     tc, gc = run.tc, run.gc
-    kl = _kl(run, totals)
-    if kl is not None:
-        return geco_update(geco, kl, tolerance_at(step, tc.steps, tc.tolerance, gc),
-                           gc, settling=step >= tc.steps * (1.0 - gc.settle_fraction))
-    ce, ref, det = _step_means(run, totals)
-    constrained = ce if det is None else det
     settling = step >= tc.steps * (1.0 - gc.settle_fraction)
     slack = tolerance_at(step, tc.steps, tc.tolerance, gc)
+    kl = _kl(run, totals)
+    if kl is not None:
+        return geco_update(geco, kl, slack, gc, settling=settling)
+    ce, ref, det = _step_means(run, totals)
+    constrained = ce if det is None else det
     if ref is None:
         return geco_update(geco, constrained, state.base_ce + slack, gc, settling=settling)
     return geco_update(geco, constrained - ref, slack, gc, settling=settling)  # the gap on these very rows
