@@ -135,13 +135,13 @@ def test_unsupported_architecture_names_supported_ones():
         attach_gates(model)
 
 
-# ---- the fused and query-chunked paths against the autograd reference ----
+# ---- the fused and tiled paths against the autograd reference ----
 
 from types import SimpleNamespace  # noqa: E402
 
 from spartan_cli.gating import fused as attention_fused  # noqa: E402
 from spartan_cli.gating.attention import ATTENTION_PATHS, GateState, allowed_mask, choose_path  # noqa: E402
-from spartan_cli.gating.chunked import rows_per_chunk  # noqa: E402
+from spartan_cli.gating import tiled as attention_tiled  # noqa: E402
 
 B, H, T, D = 2, 3, 11, 4
 CHUNK_ROWS = 3
@@ -162,7 +162,7 @@ def _padded_allowed():
 
 
 def _chunk_mb(rows=CHUNK_ROWS):
-    return rows * 4 * B * H * T / 2**20  # makes rows_per_chunk == rows for these shapes
+    return rows * 4 * B * H * T / 2**20  # the fp32 scores of ``rows`` query rows over all T keys
 
 
 def _run(path, mode, *, seed=0, chunk_rows=CHUNK_ROWS, allowed=None, forced=None):
@@ -205,53 +205,125 @@ def test_fused_path_equals_autograd_reference(mode, block_rows, monkeypatch):
     assert torch.isfinite(fused[0]).all() and fused[0][0, :3].abs().max() == 0.0  # rows that may read nothing
 
 
-@pytest.mark.parametrize("mode", ["sample", "deterministic", "forced_full"])
-def test_chunked_path_equals_fused_path_with_the_same_noise(mode, monkeypatch):
-    """Query rows in chunks of 3 (of 11), recomputed in the backward: the same values and gradients."""
-    fixed = torch.rand(B, H, T, T, generator=torch.Generator().manual_seed(9))
+def _fixed_noise(monkeypatch, seed=9):
+    """The fused and tiled paths both fed the same U(0, 1) draws for every (q, k) pair."""
+    fixed = torch.rand(B, H, T, T, generator=torch.Generator().manual_seed(seed))
     monkeypatch.setattr(attention_fused, "draw_noise", lambda shape, *, generator, device, rows, keys: fixed[:, :, rows, keys].clone())
-    forced = torch.rand(B, H, T, T, generator=torch.Generator().manual_seed(5)) > 0.5 if mode == "forced_full" else None
-    fused = _run("fused", mode, forced=forced)
-    chunked = _run("chunked", mode, forced=forced)
-    assert torch.equal(fused[1].open_pairs, chunked[1].open_pairs)
-    assert _close(fused[0], chunked[0], 1e-6)
-    assert _close(fused[1].density_term, chunked[1].density_term, 1e-6)
-    for a, b in zip(fused[2], chunked[2]):
+    monkeypatch.setattr(attention_tiled, "tile_noise", lambda seeds, n_heads, rows, keys: fixed[:, :, rows, keys].clone())
+
+
+@pytest.mark.parametrize("tile_pairs", [1, 6, 33, 121])
+@pytest.mark.parametrize("mode", ["sample", "deterministic", "forced_head", "forced_full"])
+def test_tiled_path_equals_fused_path_with_the_same_noise(mode, tile_pairs, monkeypatch):
+    """Tiles of 1x1 up to the whole 11x11 (33 pairs: 5 query rows x 6 keys, straddling the padding and the
+    diagonal), recomputed in the backward with the softmax denominator over every key: the same values and
+    gradients as the fused path, padded rows that read nothing included."""
+    _fixed_noise(monkeypatch)
+    forced = None
+    if mode == "forced_head":
+        forced = torch.tensor([True, False, True])
+    elif mode == "forced_full":
+        forced = torch.rand(B, H, T, T, generator=torch.Generator().manual_seed(5)) > 0.5
+    run_mode = "sample" if mode == "sample" else "deterministic"
+    fused = _run("fused", run_mode, forced=forced)
+    tiled = _run("tiled", run_mode, forced=forced, chunk_rows=tile_pairs / T)
+    assert torch.equal(fused[1].open_pairs, tiled[1].open_pairs)
+    assert torch.equal(fused[1].allowed_pairs, tiled[1].allowed_pairs)
+    assert _close(fused[0], tiled[0], 1e-6)
+    assert _close(fused[1].density_term, tiled[1].density_term, 1e-6)
+    for a, b in zip(fused[2], tiled[2]):
         assert _close(a, b), (a - b).abs().max()
+    assert torch.isfinite(tiled[0]).all() and tiled[0][0, :3].abs().max() == 0.0
 
 
-def test_chunked_backward_rewinds_the_generator_to_each_chunks_noise(monkeypatch):
-    """Without any substitution: the chunked path draws each chunk's noise from the state's generator and
-    its backward regenerates exactly those draws (compared with the fused path fed the same draws)."""
-    chunked = _run("chunked", "sample", seed=4)
-    gen = torch.Generator().manual_seed(4)
-    draws = torch.zeros(B, H, T, T)
-    for r0 in range(0, T, CHUNK_ROWS):  # a chunk reads keys up to its last row (causal): that is what it draws
-        r1 = min(T, r0 + CHUNK_ROWS)
-        draws[:, :, r0:r1, :r1] = torch.rand(B, H, r1 - r0, r1, generator=gen)
-    monkeypatch.setattr(attention_fused, "draw_noise", lambda shape, *, generator, device, rows, keys: draws.clone())
-    fused = _run("fused", "sample")
-    assert torch.equal(fused[1].open_pairs, chunked[1].open_pairs)
-    assert _close(fused[0], chunked[0], 1e-6)
-    for a, b in zip(fused[2], chunked[2]):
-        assert _close(a, b), (a - b).abs().max()
+@pytest.mark.parametrize("path", ["fused", "tiled"])
+def test_bf16_values_match_the_fp32_reference(path):
+    """Under bf16 autocast v arrives in bf16 while the gate maths stays fp32: outputs and gradients within
+    bf16 rounding of the fp32 reference."""
+    results = []
+    for p, dtype in (("reference", torch.float32), (path, torch.bfloat16)):
+        q, k, v = _qkv(requires_grad=False)
+        v = v.to(dtype).requires_grad_(True)
+        q.requires_grad_(True), k.requires_grad_(True)
+        state = GateState(cfg=GateConfig(bias=0.3), layer=0, n_heads=H, record=True, chunk_mb=_chunk_mb(1))
+        out, _ = ATTENTION_PATHS[p](SimpleNamespace(training=False), state, q, k, v, _padded_allowed(), D ** -0.5, 0.0)
+        assert out.dtype == dtype
+        loss = (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() + state.stats.density_term.sum()
+        results.append((out.float().detach(), [g.float() for g in torch.autograd.grad(loss, (q, k, v))]))
+    (o0, g0), (o1, g1) = results
+    assert _close(o0, o1, 3e-2)
+    assert all(_close(a, b, 5e-2) for a, b in zip(g0, g1))
 
 
-def test_paths_are_chosen_by_size_dropout_and_kind():
+def test_tile_shapes_follow_the_memory_budget():
+    assert attention_tiled.tile_shape(torch.empty(2, 3, 11, 4), torch.empty(2, 3, 11, 4), _chunk_mb(33 / T)) == (5, 6)
+    rows, keys = attention_tiled.tile_shape(torch.empty(4, 12, 4096, 1), torch.empty(4, 12, 4096, 1), 8.0)
+    assert 4 * 4 * 12 * rows * keys <= 8 * 2**20 and rows == 209  # square-ish, whatever T is
+    assert attention_tiled.tile_shape(torch.empty(1, 1, 1, 4), torch.empty(1, 1, 4096, 4), 64.0) == (1, 4096)
+
+
+def test_tiled_sampled_gates_do_not_depend_on_the_tiling():
+    """Counter-based noise: a pair's draw depends on (seed, head, query, key) only, so any tiling opens the
+    same gates and its backward (which draws again) gives the same gradients."""
+    runs = [_run("tiled", "sample", seed=4, chunk_rows=pairs / T) for pairs in (1, 7, 40, 121)]
+    for other in runs[1:]:
+        assert _close(runs[0][0], other[0], 1e-6)  # the output is that of the sampled gates
+        for a, b in zip(runs[0][2], other[2]):
+            assert _close(a, b), (a - b).abs().max()
+    assert (runs[0][0] - _run("tiled", "sample", seed=5)[0]).abs().max() > 0.1  # the seed matters
+
+
+def test_tiled_noise_is_uniform_and_gates_open_with_probability_sigmoid_g():
+    seeds = torch.tensor([3, 4])
+    u = attention_tiled.tile_noise(seeds, 4, slice(0, 256), slice(0, 256))  # (2, 4, 256, 256)
+    assert u.min() > 0 and u.max() < 1
+    assert abs(u.mean().item() - 0.5) < 2e-3 and abs(u.var().item() - 1 / 12) < 1e-3
+    hist = torch.histc(u, bins=16, min=0, max=1) / u.numel()
+    assert (hist - 1 / 16).abs().max() < 2e-3  # flat
+    assert abs(torch.corrcoef(torch.stack([u[0].flatten(), u[1].flatten()]))[0, 1].item()) < 0.01  # seeds differ
+    assert abs(torch.corrcoef(torch.stack([u[0, 0, :, :-1].flatten(), u[0, 0, :, 1:].flatten()]))[0, 1].item()) < 0.01
+    torch.testing.assert_close(u[:, :, 10:20, 30:50], attention_tiled.tile_noise(seeds, 4, slice(10, 20), slice(30, 50)))
+    for g in (-2.0, 0.0, 1.5):  # M = 1[g + log u - log(1 - u) > 0] ~ Bernoulli(sigmoid(g))
+        opened = ((g + u.log() - (-u).log1p()) > 0).float().mean().item()
+        assert abs(opened - torch.sigmoid(torch.tensor(g)).item()) < 3e-3
+
+
+def test_tiled_causal_path_builds_no_q_by_k_tensor():
+    """Without a mask (causal, KV-cache offset included) the tiled path makes its masks tile by tile: the same
+    results as with the full causal mask, and autograd keeps nothing with q x k elements."""
+    q_len, k_len = 20, 32  # 20 new queries after 12 cached keys
+    q, k, v = (torch.randn(1, 2, n, 4, requires_grad=True) for n in (q_len, k_len, k_len))
+    gating = attention_fused.Gating(bias=0.3, sample=False, record=True)
+    results = []
+    for allowed in (allowed_mask(None, q_len, k_len, "cpu"), None):
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            out, density, side = attention_tiled.tiled_attention(q, k, v, allowed, 0.5, gating, tile=(6, 7))
+        loss = (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() + density.sum()
+        results.append((out.detach(), density.detach(), side["open_pairs"], torch.autograd.grad(loss, (q, k, v))))
+        # with the mask, the mask itself is kept (q x k); without, the largest kept tensor is k or v (1, 2, 32, 4)
+        assert (max(sizes) >= q_len * k_len) == (allowed is not None), sizes
+    (o0, d0, n0, g0), (o1, d1, n1, g1) = results
+    assert torch.equal(n0, n1) and _close(o0, o1, 1e-6) and _close(d0, d1, 1e-6)
+    assert all(_close(a, b, 1e-6) for a, b in zip(g0, g1))
+
+
+def test_paths_are_chosen_by_size_dropout_kind_and_kept_tensors():
     state = GateState(cfg=GateConfig(), layer=0, n_heads=12, chunk_mb=8.0)
     assert choose_path(state, (4, 12, 128), 128) == "fused"  # 3 MiB of scores
-    assert choose_path(state, (4, 12, 1024), 1024) == "chunked"  # 192 MiB
+    assert choose_path(state, (4, 12, 1024), 1024) == "tiled"  # 192 MiB
     assert choose_path(state, (4, 12, 128), 128, dropout=0.1) == "reference"
-    assert rows_per_chunk(torch.empty(4, 12, 1024, 1), torch.empty(4, 12, 1024, 1), 8.0) == 42  # 42 rows: 7.9 MiB
     assert choose_path(GateState(cfg=GateConfig(), layer=0, n_heads=12, chunk_mb=0.001), (1, 1, 4), 4) == "fused"
+    kept = GateState(cfg=GateConfig(), layer=0, n_heads=12, chunk_mb=8.0, keep_gate_logits=True)
+    assert choose_path(kept, (4, 12, 1024), 1024) == "fused"  # whole g is q x k anyway
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_chunked_model_matches_plain_model(arch):
-    """A whole model (GQA for llama) with every call chunked gives the plain logits, density and gradients."""
+def test_tiled_model_matches_plain_model(arch):
+    """A whole model (GQA for llama) with every call tiled gives the fused logits, density and gradients."""
     ids = _ids(batch=2, pos=10)
     results = []
-    for chunk_mb in (64.0, 4 * 2 * 4 * 10 * 3 / 2**20):  # plain; chunks of 3 query rows
+    for chunk_mb in (64.0, 4 * 2 * 4 * 12 / 2**20):  # fused; tiles of 3 query rows x 4 keys
         model = attach_gates(BUILDERS[arch](), GateConfig(bias=0.5), chunk_mb=chunk_mb)
         with recording(model) as states:
             logits = model(ids).logits
@@ -263,12 +335,11 @@ def test_chunked_model_matches_plain_model(arch):
     assert _close(l0, l1) and _close(r0, r1, 1e-6) and _close(g0, g1, 1e-5)
 
 
-@pytest.mark.parametrize("path", ["fused", "chunked"])
-def test_kept_gate_logits_and_pattern_equal_the_reference(path):
-    """density and the pictures read g (-inf where a query may not read) and P whole, from every path."""
+def test_kept_gate_logits_and_pattern_equal_the_reference():
+    """density and the pictures read g (-inf where a query may not read) and P whole, from the fused path."""
     q, k, v = _qkv(requires_grad=False)
     kept = []
-    for p in ("reference", path):
+    for p in ("reference", "fused"):
         state = GateState(cfg=GateConfig(bias=0.3), layer=0, n_heads=H, keep_gate_logits=True, keep_pattern=True,
                           chunk_mb=_chunk_mb())
         ATTENTION_PATHS[p](SimpleNamespace(training=False), state, q, k, v, _padded_allowed(), D ** -0.5, 0.0)

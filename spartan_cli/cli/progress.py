@@ -12,7 +12,8 @@ def _fmt_step(rec) -> str:
     held = ""
     if rec.heldout_ce is not None:
         held = f" | held-out CE {rec.heldout_ce:.4f} density {rec.heldout_density:.2%}"
-    return (f"step {rec.step} | CE {rec.ce:.4f} vs target {rec.tau:.4f} | density {rec.density:.2%} | "
+    kl = "" if rec.kl is None else f" | KL {rec.kl:.4f} vs slack {rec.slack:.4f}"
+    return (f"step {rec.step} | CE {rec.ce:.4f} vs target {rec.tau:.4f}{kl} | density {rec.density:.2%} | "
             f"beta {rec.beta:.3g} | {rec.tokens_per_s:,.0f} tok/s | ETA {rec.eta_s:,.0f}s{held}")
 
 

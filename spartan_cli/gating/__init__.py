@@ -1,1 +1,1 @@
-"""Gated attention: gate kinds, the registered attention paths (reference, chunked, fused) and the scopes that change gates for a while."""
+"""Gated attention: gate kinds, the registered attention paths (reference, fused, tiled) and the scopes that change gates for a while."""

@@ -21,15 +21,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from spartan_cli.gating.chunked import chunked_attention, rows_per_chunk
 from spartan_cli.gating.fused import Gating, Masks, fused_attention
+from spartan_cli.gating.tiled import tile_shape, tiled_attention
 from spartan_cli.config import GateConfig
 from spartan_cli.gating.gates import gate_kind
 
 ATTN_IMPLEMENTATION = "spartan"
 STATE_ATTR = "spartan_gate"
-# MiB: a call whose fp32 scores (batch, n_heads, q, k) would be larger runs query-chunked, recomputing in the
-# backward (same maths; memory per chunk about this much). GateState.chunk_mb / attach_gates(chunk_mb=) change it.
+# MiB: a call whose fp32 scores (batch, n_heads, q, k) would be larger runs tiled (memory linear in T, recomputing
+# in the backward; one tile's scores about this much). GateState.chunk_mb / attach_gates(chunk_mb=) change it.
 CHUNK_MB = 64.0
 
 
@@ -57,7 +57,7 @@ class GateState:
     gate_logits: torch.Tensor | None = None
     keep_pattern: bool = False  # store P (softmax pattern, before gating) in ``pattern``
     pattern: torch.Tensor | None = None
-    chunk_mb: float = CHUNK_MB  # calls with larger fp32 scores take the query-chunked path (choose_path)
+    chunk_mb: float = CHUNK_MB  # calls with larger fp32 scores take the tiled path (choose_path)
     generator: object = field(default=None, repr=False)  # a torch.Generator, or one per batch row (gates.uniform)
 
 
@@ -87,21 +87,26 @@ def gated_attention_forward(module, query, key, value, attention_mask, scaling=N
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     q_len, k_len = query.shape[2], key.shape[2]
-    allowed = allowed_mask(attention_mask, q_len, k_len, query.device)  # (batch|1, 1, q, k) bool
     dropout = dropout if module.training else 0.0
-    path = ATTENTION_PATHS[choose_path(state, query.shape, k_len, dropout=dropout)]
-    return path(module, state, query, key, value, allowed, scaling, dropout)
+    name = choose_path(state, query.shape, k_len, dropout=dropout)
+    # (batch|1, 1, q, k) bool; the tiled path builds a causal mask tile by tile (None: no q x k tensor at all)
+    allowed = None if name == "tiled" and attention_mask is None else allowed_mask(attention_mask, q_len, k_len,
+                                                                                   query.device)
+    return ATTENTION_PATHS[name](module, state, query, key, value, allowed, scaling, dropout)
 
 
 def choose_path(state: GateState, query_shape, k_len: int, *, dropout: float = 0.0) -> str:
     """Which registered path computes a call: the autograd reference for attention dropout or gate kinds
-    without a hand-written path, the query-chunked path when the fp32 scores (batch, n_heads, q, k) would
-    exceed ``GateState.chunk_mb``, else the fused one. Every path computes the same maths."""
+    without a hand-written path, the tiled path (memory linear in T) when the fp32 scores (batch, n_heads, q, k)
+    would exceed ``GateState.chunk_mb``, else the fused one (also when whole g or P are kept: they are q x k
+    by definition). Every path computes the same maths."""
     if dropout > 0.0 or state.cfg.kind not in FUSED_KINDS:
         return "reference"
+    if state.keep_gate_logits or state.keep_pattern:
+        return "fused"
     batch, n_heads, q_len = query_shape[:3]
     scores_mb = 4 * batch * n_heads * q_len * k_len / 2**20
-    return "chunked" if scores_mb > state.chunk_mb else "fused"
+    return "tiled" if scores_mb > state.chunk_mb else "fused"
 
 
 def forced_gates(state: GateState, device) -> torch.Tensor | None:
@@ -177,39 +182,46 @@ def _gating(module, state: GateState, device) -> Gating:
                   keep_logits=state.keep_gate_logits, keep_pattern=state.keep_pattern)
 
 
-def _kernel_path(chunked: bool):
-    """The fused (all query rows at once) or the query-chunked path, around the same block maths."""
-
-    def path(module, state: GateState, query, key, value, allowed, scaling, dropout):
-        gating = _gating(module, state, query.device)
-        masks = Masks.from_allowed(allowed, state.cfg.bias)
-        with torch.autocast(device_type=query.device.type, enabled=False):
-            q, k = query.float(), key.float()  # (batch, n_heads, q|k, d_head) fp32
-        if chunked:
-            out, density, side = chunked_attention(q, k, value, masks, scaling, gating,
-                                                   chunk=rows_per_chunk(q, k, state.chunk_mb))
-        else:
-            out, density, side = fused_attention(q, k, value, masks, scaling, gating)
-        if state.record:
-            state.stats = GateStats(density_term=density, open_pairs=side["open_pairs"],
-                                    allowed_pairs=masks.n_allowed.expand(query.shape[0], 1))  # (batch, 1)
-        if state.keep_gate_logits:
-            state.gate_logits = side["gate_logits"]
-        if state.keep_pattern:
-            state.pattern = side["pattern"]
-        return out.transpose(1, 2).contiguous(), None  # A is never built whole (like sdpa: no attention weights)
-
-    return path
+def _record(state: GateState, density, side: dict, n_allowed: torch.Tensor, batch: int) -> None:
+    """Store what a hand-written path measured on the state (GateStats, kept g and P)."""
+    if state.record:
+        state.stats = GateStats(density_term=density, open_pairs=side["open_pairs"],
+                                allowed_pairs=n_allowed.expand(batch, 1))  # (batch, 1)
+    if state.keep_gate_logits:
+        state.gate_logits = side["gate_logits"]
+    if state.keep_pattern:
+        state.pattern = side["pattern"]
 
 
-# gate kinds the fused and chunked paths implement (their backward is written out for these kinds' maths)
+def fused_path(module, state: GateState, query, key, value, allowed, scaling, dropout):
+    """All query rows at once, in blocks of rows (``fused``); keeps 4 bytes per pair of sampled gates."""
+    gating = _gating(module, state, query.device)
+    masks = Masks.from_allowed(allowed, state.cfg.bias)
+    with torch.autocast(device_type=query.device.type, enabled=False):
+        q, k = query.float(), key.float()  # (batch, n_heads, q|k, d_head) fp32
+    out, density, side = fused_attention(q, k, value, masks, scaling, gating)
+    _record(state, density, side, masks.n_allowed, query.shape[0])
+    return out.transpose(1, 2).contiguous(), None  # A is never built whole (like sdpa: no attention weights)
+
+
+def tiled_path(module, state: GateState, query, key, value, allowed, scaling, dropout):
+    """(query block, key block) tiles, recomputed in the backward (``tiled``): nothing of size q x k kept."""
+    gating = _gating(module, state, query.device)
+    with torch.autocast(device_type=query.device.type, enabled=False):
+        q, k = query.float(), key.float()
+    out, density, side = tiled_attention(q, k, value, allowed, scaling, gating, tile=tile_shape(q, k, state.chunk_mb))
+    _record(state, density, side, side["n_allowed"], query.shape[0])
+    return out.transpose(1, 2).contiguous(), None
+
+
+# gate kinds the fused and tiled paths implement (their backward is written out for these kinds' maths)
 FUSED_KINDS = frozenset({"paper"})
 
 # name -> path(module, state, query, key, value, allowed, scaling, dropout) -> (output (batch, q, n_heads, d_v), A)
 ATTENTION_PATHS = {
     "reference": reference_attention,
-    "fused": _kernel_path(chunked=False),
-    "chunked": _kernel_path(chunked=True),
+    "fused": fused_path,
+    "tiled": tiled_path,
 }
 
 
@@ -242,7 +254,7 @@ def attach_gates(model, cfg: GateConfig | None = None, *, chunk_mb: float = CHUN
     """Gate every attention module of ``model`` (in place) and return it.
 
     The gate config is also written into ``model.config.spartan_gate`` so a saved model says how it was gated.
-    ``chunk_mb``: calls whose fp32 scores would exceed this many MiB take the query-chunked path.
+    ``chunk_mb``: calls whose fp32 scores would exceed this many MiB take the tiled path.
     """
     if not chunk_mb > 0:
         from spartan_cli.errors import ConfigError

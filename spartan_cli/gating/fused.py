@@ -20,7 +20,7 @@ with the forward's own ops, so bit for bit.
     dq  = ds k * scaling               dk = ds^T q * scaling
 Queries go in blocks of ``BLOCK_ROWS`` rows, each against the keys up to the last one any of its rows may
 read: under a causal mask the upper triangle is mostly skipped (T = 256 in blocks of 64: 5/8 of the work).
-``forward_block`` / ``backward_block`` compute one block; ``attention_chunked`` runs them recomputing.
+``forward_block`` / ``backward_block`` compute one block. For long sequences ``tiled`` keeps nothing of size q x k.
 """
 
 from __future__ import annotations
@@ -106,11 +106,11 @@ class Block:
 
 
 def forward_block(q, k, v, masks: Masks, scaling: float, gating: Gating, rows: slice, keys: slice, *, keep: bool,
-                  noise: torch.Tensor | None = None, compact: bool = False) -> Block:
+                  noise: torch.Tensor | None = None) -> Block:
     """Gated attention of query block ``q`` (batch, n_heads, rows, d_head) fp32 against keys k (batch,
     n_heads, keys, d_head) fp32 and values v (batch, n_heads, keys, d_v); ``masks`` cut to the block.
-    ``keep``: keep what the backward needs: P, sigmoid(g) and M or signed sigmoid(g + l), or with ``compact``
-    only the signed sigmoid(g + l) of sampled gates (the backward recomputes the rest from q and k).
+    ``keep``: keep what the backward needs besides q and k: the signed sigmoid(g + l) of sampled gates
+    (the backward recomputes P, M and sigmoid(g) from q and k).
     ``noise``: the block's U(0, 1) draws, else drawn here."""
     s = torch.matmul(q, k.transpose(-1, -2))  # q.k, (batch, n_heads, rows, keys) fp32
     s = torch.add(masks.additive, s, alpha=scaling, out=s)  # s = q.k * scaling; ~finfo.min where a query may not read
@@ -141,22 +141,15 @@ def forward_block(q, k, v, masks: Masks, scaling: float, gating: Gating, rows: s
         block.density_sum = sg.sum(dim=(-1, -2))
         opened = m if (gating.forced is None and not gating.sample) else torch.gt(g, 0, out=torch.empty_like(g))
         block.open_pairs = opened.sum(dim=(-1, -2)).to(torch.int64)  # exact: a block has < 2^24 pairs per head
-        if keep and not compact:
-            block.saved["sg"] = sg
-    a = p * m if keep and not compact else p.mul_(m)  # A = P * M
+    a = p.mul_(m)  # A = P * M
     block.out = torch.matmul(a.to(v.dtype), v)  # (batch, n_heads, rows, d_v)
-    if keep:
-        if sz is not None:
-            block.saved["sz"] = sz.mul_(m.mul_(2.0).sub_(1.0))  # sign: +sigmoid(z) where open, -sigmoid(z) where shut
-        if not compact:
-            block.saved["p"] = p
-            if sz is None:
-                block.saved["m"] = m
+    if keep and sz is not None:
+        block.saved["sz"] = sz.mul_(m.mul_(2.0).sub_(1.0))  # sign: +sigmoid(z) where open, -sigmoid(z) where shut
     return block
 
 
 def _recompute(q, k, saved: dict, masks: Masks, scaling: float, forced) -> dict:
-    """A compact block's P, M and sigmoid(g), computed again from q and k."""
+    """A block's P, M and sigmoid(g), computed again from q and k."""
     s = torch.matmul(q, k.transpose(-1, -2))  # (batch, n_heads, rows, keys)
     s = torch.add(masks.additive, s, alpha=scaling, out=s)  # the forward's s, bit for bit
     g = torch.add(s, masks.bias)  # the forward's g
@@ -170,14 +163,12 @@ def _recompute(q, k, saved: dict, masks: Masks, scaling: float, forced) -> dict:
     return out
 
 
-def backward_block(q, k, v, saved: dict, scaling: float, dy, d_density, n_allowed, *, masks: Masks | None = None,
-                   forced=None):
+def backward_block(q, k, v, saved: dict, scaling: float, dy, d_density, n_allowed, *, masks: Masks, forced=None):
     """Gradients of one query block: returns (dq (batch, n_heads, rows, d_head) fp32, dk, dv) where dk, dv
     are this block's contributions over every key (dv None when ``dy`` is None). ``dy``: (batch, n_heads,
-    rows, d_v) or None; ``d_density``: (batch, n_heads) or None. A compact ``saved`` (no P) is expanded
-    first, which needs the block's ``masks`` and ``forced`` gates."""
-    if "p" not in saved:
-        saved = _recompute(q, k, saved, masks, scaling, forced)
+    rows, d_v) or None; ``d_density``: (batch, n_heads) or None; ``saved``: what ``forward_block`` kept;
+    P, M and sigmoid(g) are recomputed from the block's ``masks`` and ``forced`` gates."""
+    saved = _recompute(q, k, saved, masks, scaling, forced)
     p = saved["p"]
     ds, dv = None, None
     if dy is not None:
@@ -195,7 +186,7 @@ def backward_block(q, k, v, saved: dict, scaling: float, dy, d_density, n_allowe
         ds.addcmul_(p, ds.sum(dim=-1, keepdim=True), value=-1.0)  # softmax backward through the open gates
         if sz is not None:
             ds.add_(torch.ops.aten.sigmoid_backward(da.mul_(p), sz))  # straight-through: sigmoid'(g + l) P dA
-    if d_density is not None and "sg" in saved:
+    if d_density is not None:
         c = (d_density / n_allowed)[..., None, None].expand_as(p)  # (batch, n_heads, rows, k), stride 0
         term = torch.ops.aten.sigmoid_backward(c, saved["sg"])
         ds = term if ds is None else ds.add_(term)
@@ -217,21 +208,18 @@ class Blocks:
 
 
 def run_blocks(q, k, v, masks: Masks, scaling: float, gating: Gating, blocks: list, *, keep: bool,
-               noise: torch.Tensor | None = None, before_block=None, compact: bool = False) -> Blocks:
+               noise: torch.Tensor | None = None) -> Blocks:
     """``forward_block`` over ``blocks`` [(rows, keys)], assembling the output and summing the stats.
-    ``noise``: U(0, 1) for all (q, k) pairs, sliced per block; ``before_block(i)`` may return the
-    generator (or generators) block i draws its noise from."""
+    ``noise``: U(0, 1) for all (q, k) pairs, sliced per block."""
     batch, n_heads, q_len, _ = q.shape
     out = torch.empty(batch, n_heads, q_len, v.shape[-1], dtype=v.dtype, device=v.device)
     density_sum, open_pairs, logits, patterns, saved = None, None, [], [], []
-    for i, (rows, keys) in enumerate(blocks):
+    for rows, keys in blocks:
         block_gating = gating
-        if before_block is not None:
-            block_gating = dataclasses.replace(gating, generator=before_block(i))
         if gating.forced is not None and gating.forced.dim() == 4 and gating.forced.shape[-2] > 1:
-            block_gating = dataclasses.replace(block_gating, forced=gating.forced[..., rows, keys])
+            block_gating = dataclasses.replace(gating, forced=gating.forced[..., rows, keys])
         block = forward_block(q[:, :, rows], k[:, :, keys], v[:, :, keys], masks.block(rows, keys), scaling,
-                              block_gating, rows, keys, keep=keep, compact=compact,
+                              block_gating, rows, keys, keep=keep,
                               noise=None if noise is None else noise[:, :, rows, keys])
         out[:, :, rows] = block.out
         if gating.record:
@@ -246,8 +234,8 @@ def run_blocks(q, k, v, masks: Masks, scaling: float, gating: Gating, blocks: li
     return Blocks(out=out, density_sum=density_sum, side=side, saved=saved)
 
 
-def backward_blocks(q, k, v, masks: Masks, scaling: float, blocks: list, saved_of, d_out, d_density, forced=None):
-    """Sum ``backward_block`` over ``blocks``; ``saved_of(i)`` gives block i's saved dict -> (dq, dk, dv)."""
+def backward_blocks(q, k, v, masks: Masks, scaling: float, blocks: list, saved: list, d_out, d_density, forced=None):
+    """Sum ``backward_block`` over ``blocks``, ``saved[i]`` what block i's forward kept -> (dq, dk, dv)."""
     dq = torch.zeros_like(q)
     dk = torch.zeros_like(k)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device) if d_out is not None else None
@@ -256,9 +244,9 @@ def backward_blocks(q, k, v, masks: Masks, scaling: float, blocks: list, saved_o
         block_forced = forced
         if forced is not None and forced.dim() == 4 and forced.shape[-2] > 1:
             block_forced = forced[..., rows, keys]
-        dq_b, dk_b, dv_b = backward_block(q[:, :, rows], k[:, :, keys], v[:, :, keys], saved_of(i), scaling, dy,
-                                          d_density, masks.n_allowed, masks=masks.block(rows, keys) if masks.additive
-                                          is not None else None, forced=block_forced)
+        dq_b, dk_b, dv_b = backward_block(q[:, :, rows], k[:, :, keys], v[:, :, keys], saved[i], scaling, dy,
+                                          d_density, masks.n_allowed, masks=masks.block(rows, keys),
+                                          forced=block_forced)
         dq[:, :, rows] = dq_b
         dk[:, :, keys] += dk_b
         if dv_b is not None:
@@ -284,7 +272,7 @@ class FusedGatedAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, masks: Masks, scaling: float, gating: Gating, side: dict):
         blocks = masks.row_blocks(BLOCK_ROWS, whole_rows=gating.keep_logits or gating.keep_pattern)
         with torch.autocast(device_type=q.device.type, enabled=False):
-            result = run_blocks(q, k, v, masks, scaling, gating, blocks, keep=True, compact=True,
+            result = run_blocks(q, k, v, masks, scaling, gating, blocks, keep=True,
                                 noise=_full_noise(q, k, gating))
         side.update(result.side)
         density = (result.density_sum / masks.n_allowed if gating.record
@@ -308,7 +296,7 @@ class FusedGatedAttention(torch.autograd.Function):
             i += len(ns)
         masks = Masks(additive=additive, allowed=allowed, n_allowed=n_allowed, bias=ctx.bias)
         with torch.autocast(device_type=q.device.type, enabled=False):
-            dq, dk, dv = backward_blocks(q, k, v, masks, ctx.scaling, ctx.blocks, saved.__getitem__, d_out,
+            dq, dk, dv = backward_blocks(q, k, v, masks, ctx.scaling, ctx.blocks, saved, d_out,
                                          d_density if ctx.record else None, forced=forced)
         return dq, dk, dv, None, None, None, None
 

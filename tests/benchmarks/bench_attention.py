@@ -3,13 +3,16 @@
   (a) gated training step / dense fine-tuning step       target <= 1.15x
   (b) peak memory of a training step, gated / dense      target <= 1.3x
   (c) deterministic-gate eval forward / dense forward    target <= 1.1x
-  (d) how (a) and (b) grow with sequence length (128 -> 1024): no worse than dense eager attention.
+  (d) how (a) and (b) grow with sequence length (128 -> 4096): the memory a gated step adds should grow no
+      more than 1.2x sdpa's growth (the tiled path, chosen above ``--chunk-mb``, keeps nothing of size q x k).
 "Dense" is the same model with its normal attention: ``sdpa`` (transformers' default) and ``eager`` (the
 materialised softmax), both reported.
 
 Run explicitly (marker ``benchmark``; off by default), or as a script:
     pytest -m benchmark tests/benchmarks/bench_attention.py -s
     python tests/benchmarks/bench_attention.py [--threads 1] [--batch 4] [--seq 256] [--sweep 128,256,512,1024]
+    python tests/benchmarks/bench_attention.py --skip-point --sweep 128,1024,4096 --sweep-batch 1 \
+        --impls spartan,sdpa --chunk-mb 0.25      # (d) with every gated call tiled; eager at 4k needs > 10 GiB
 A training step is what the trainer does: forward with labels, loss (gated: CE + beta * R with R the mean
 gate-open probability, recorded by the attention), backward, gradient clipping, fused AdamW step; dropout off.
 Times: one model whose attention implementation is switched between steps, implementations interleaved in
@@ -44,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def gpt2_small(seed: int = 0, chunk_mb: float | None = None):
-    """``chunk_mb``: the gated attention's chunking threshold (None: the default, attention.CHUNK_MB)."""
+    """``chunk_mb``: the gated attention's tiling threshold (None: the default, attention.CHUNK_MB)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from spartan_cli.gating.attention import CHUNK_MB, attach_gates
@@ -187,17 +190,18 @@ def _gib(n: float) -> str:
 
 def report_point(t: dict, mem: dict, *, batch: int, seq: int) -> list[str]:
     g = "spartan"
+    dense = [d for d in DENSE if d in mem]
     lines = [f"GPT-2 small shape, batch {batch} x seq {seq}:"]
-    for d in DENSE:
+    for d in dense:
         lines.append(f"  (a) training step   gated {t['step_s'][g]:.2f} s / {d} {t['step_s'][d]:.2f} s = "
                      f"{t['step_s'][g] / t['step_s'][d]:.3f}x (target <= 1.15x)")
-    for d in DENSE:
+    for d in dense:
         lines.append(f"  (b) peak memory     gated {_gib(mem[g]['peak'])} / {d} {_gib(mem[d]['peak'])} = "
                      f"{mem[g]['peak'] / mem[d]['peak']:.3f}x (target <= 1.3x); step adds "
                      f"{_gib(mem[g]['step'])} / {_gib(mem[d]['step'])} = {mem[g]['step'] / mem[d]['step']:.3f}x; "
                      f"saved for backward {_gib(mem[g]['saved'])} / {_gib(mem[d]['saved'])} = "
                      f"{mem[g]['saved'] / mem[d]['saved']:.3f}x")
-    for d in DENSE:
+    for d in dense:
         lines.append(f"  (c) eval forward    gated {t['forward_s'][g] * 1e3:.0f} ms / {d} "
                      f"{t['forward_s'][d] * 1e3:.0f} ms = {t['forward_s'][g] / t['forward_s'][d]:.3f}x "
                      "(target <= 1.1x)")
@@ -205,28 +209,32 @@ def report_point(t: dict, mem: dict, *, batch: int, seq: int) -> list[str]:
 
 
 def measure(*, batch: int = 4, seq: int = 256, repeats: int = 3, threads: int = THREADS,
-            chunk_mb: float | None = None) -> dict:
+            chunk_mb: float | None = None, impls=IMPLS) -> dict:
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        t = time_steps(gpt2_small(chunk_mb=chunk_mb), batch=batch, seq=seq, repeats=repeats)
+        t = time_steps(gpt2_small(chunk_mb=chunk_mb), batch=batch, seq=seq, repeats=repeats, impls=impls)
     finally:
         torch.set_num_threads(saved_threads)
-    mem = {impl: memory(impl, batch=batch, seq=seq, threads=threads, chunk_mb=chunk_mb) for impl in IMPLS}
+    mem = {impl: memory(impl, batch=batch, seq=seq, threads=threads, chunk_mb=chunk_mb) for impl in impls}
     return {"batch": batch, "seq": seq, "threads": threads, "chunk_mb": chunk_mb, "time": t, "memory": mem}
 
 
 def sweep_lines(points: list[dict]) -> list[str]:
-    """(d): the (a) and (b) ratios per length, and each implementation's growth from the shortest length."""
-    lines = ["  (d) seq    step gated/sdpa  gated/eager   step-memory gated/sdpa  gated/eager   "
-             "step-memory growth from the first length: gated  sdpa  eager"]
+    """(d): per length, the gated step's time and added memory over each dense implementation's, each
+    implementation's step-memory growth from the shortest length, and the gated growth over sdpa's (target <= 1.2x)."""
+    impls = list(points[0]["memory"])
+    dense = [d for d in DENSE if d in impls]
+    lines = ["  (d)   seq  " + "  ".join(f"step s gated/{d}  memory gated/{d}" for d in dense)
+             + "  memory growth " + " ".join(impls) + "   gated growth / sdpa growth"]
     first = points[0]["memory"]
     for p in points:
         t, m = p["time"]["step_s"], p["memory"]
-        growth = [m[i]["step"] / first[i]["step"] for i in IMPLS]
-        lines.append(f"      {p['seq']:5d}  {t['spartan'] / t['sdpa']:14.3f}x {t['spartan'] / t['eager']:11.3f}x "
-                     f"  {m['spartan']['step'] / m['sdpa']['step']:21.3f}x {m['spartan']['step'] / m['eager']['step']:11.3f}x "
-                     f"  {growth[0]:44.2f}x {growth[1]:5.2f}x {growth[2]:5.2f}x")
+        growth = {i: m[i]["step"] / first[i]["step"] for i in impls}
+        cols = "  ".join(f"{t['spartan']:6.2f}/{t[d]:6.2f} = {t['spartan'] / t[d]:5.2f}x  "
+                         f"{m['spartan']['step'] / m[d]['step']:9.2f}x" for d in dense)
+        ratio = f"{growth['spartan'] / growth['sdpa']:.2f}x" if "sdpa" in growth else "-"
+        lines.append(f"      {p['seq']:5d}  {cols}  " + " ".join(f"{growth[i]:6.2f}x" for i in impls) + f"   {ratio}")
     return lines
 
 
@@ -251,7 +259,8 @@ def main() -> None:
     parser.add_argument("--sweep-repeats", type=int, default=1)
     parser.add_argument("--skip-point", action="store_true", help="only the (d) sweep")
     parser.add_argument("--chunk-mb", type=float, default=None,
-                        help="gated attention's chunking threshold in MiB (small: every call query-chunked)")
+                        help="gated attention's tiling threshold and tile size in MiB (small: every call tiled)")
+    parser.add_argument("--impls", default=",".join(IMPLS), help="implementations to measure [spartan,sdpa,eager]")
     parser.add_argument("--json", default=None, help="also write every measurement to this JSON file")
     parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -259,9 +268,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         print(json.dumps(memory_worker(args.memory_worker, args.batch, args.seq, args.chunk_mb)))
         return
+    impls = tuple(args.impls.split(","))
+    if "spartan" not in impls or not set(impls) <= set(IMPLS):
+        parser.error(f"--impls must include spartan and name only {', '.join(IMPLS)}, got {args.impls!r}")
     results = {}
     if not args.skip_point:
-        r = measure(batch=args.batch, seq=args.seq, repeats=args.repeats, threads=args.threads, chunk_mb=args.chunk_mb)
+        r = measure(batch=args.batch, seq=args.seq, repeats=args.repeats, threads=args.threads, chunk_mb=args.chunk_mb,
+                    impls=impls)
         results["point"] = r
         print("\n".join(report_point(r["time"], r["memory"], batch=args.batch, seq=args.seq)), flush=True)
     if args.sweep:
@@ -269,7 +282,7 @@ def main() -> None:
         points = []
         for seq in (int(s) for s in args.sweep.split(",")):
             points.append(measure(batch=sb, seq=seq, repeats=args.sweep_repeats, threads=args.threads,
-                                  chunk_mb=args.chunk_mb))
+                                  chunk_mb=args.chunk_mb, impls=impls))
             print(f"  ... seq {seq} measured", flush=True)
         results["sweep"] = points
         print(f"(d) growth with sequence length, batch {sb}, {args.threads} thread(s):")
