@@ -193,9 +193,24 @@ class TrainConfig(Section):
     eval_batches: int | None = None
     checkpoint_every: int = 500  # resumable checkpoint every this many steps (0: only at the end)
     parallel: str = "ddp"  # how ranks hold the model under torchrun/accelerate: ddp | fsdp (distributed.PARALLEL)
+    # LoRA (training.lora): adapters of this rank train instead of the weights (0: off), scale alpha / rank
+    lora_rank: int = 0
+    lora_alpha: float | None = None  # None: the rank (scale 1)
+    lora_targets: str | None = None  # comma-separated module-name endings; None: the attention projections
 
     def __post_init__(self):
         check_types(self, "train")
+        _positive("train.lora_rank", self.lora_rank, allow_zero=True)
+        if self.lora_alpha is not None:
+            _positive("train.lora_alpha", self.lora_alpha)
+        if not self.lora_rank and (self.lora_targets is not None or self.lora_alpha is not None):
+            raise ConfigError("train.lora_targets / lora_alpha set without train.lora_rank; pass --lora-rank R")
+        if self.lora_rank and self.trainable != "all":
+            raise ConfigError(f"train.trainable {self.trainable!r} with train.lora_rank: LoRA trains its adapters "
+                              "only; drop --trainable (choose the adapted layers with --lora-targets)")
+        if self.lora_rank and self.parallel == "fsdp":
+            raise ConfigError("train.lora_rank with train.parallel 'fsdp' is not supported; use ddp (the adapters "
+                              "are small: each rank holds the frozen model and its adapters)")
         for name in ("steps", "batch_size", "grad_accum", "log_every"):
             _positive(f"train.{name}", getattr(self, name))
         _positive("train.lr", self.lr)

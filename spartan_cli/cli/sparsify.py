@@ -26,6 +26,13 @@ FLAGS = [
     Flag("--weight-decay", "train", "weight_decay", click.FloatRange(min=0), "AdamW weight decay [0]."),
     Flag("--tolerance", "train", "tolerance", click.FloatRange(min=0), "Nats added to the base loss to form the target [0]."),
     Flag("--trainable", "train", "trainable", click.Choice(["all", "attention"]), "Weights that train [all]."),
+    Flag("--lora-rank", "train", "lora_rank", click.IntRange(min=1),
+         "Train LoRA adapters of this rank instead of the weights (needs peft: pip install 'spartan-cli[lora]'); "
+         "the checkpoint holds the merged model and the adapter [off]."),
+    Flag("--lora-alpha", "train", "lora_alpha", click.FloatRange(min=0, min_open=True),
+         "LoRA scale numerator: adapters add (alpha / rank) B A [the rank]."),
+    Flag("--lora-targets", "train", "lora_targets", str,
+         "Comma-separated module-name endings to adapt, e.g. q_proj,v_proj [every attention projection]."),
     Flag("--seed", "train", "seed", int, "Seed for data order and gate noise [0]."),
     Flag("--device", "train", "device", str, "auto (cuda if present), cpu, cuda, cuda:N [auto]."),
     Flag("--dtype", "train", "dtype", click.Choice(["auto", "float32", "bfloat16"]), "auto: bf16 autocast on CUDA, fp32 on CPU; gate maths is fp32 [auto]."),

@@ -29,6 +29,13 @@ def gates_open(model):
     return _set(model, forced=lambda s: torch.ones(s.n_heads, dtype=torch.bool))
 
 
+def dense_view(model):
+    """Every gate forced open and nothing recorded, the gate statistics of the last forward kept: a forward of
+    the dense model in the middle of a gated step (the LoRA student as its own teacher)."""
+    return _set(model, forced=lambda s: torch.ones(s.n_heads, dtype=torch.bool), record=False,
+                stats=lambda s: s.stats)
+
+
 def heads_shut(model, heads: dict[int, list[int]]):
     """Gates of the given heads ({layer: [head, ...]}) forced shut; every other gate forced open."""
 

@@ -109,9 +109,10 @@ def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
 
 
 def save(out_dir, model, tokenizer, *, meta: dict, run_config_yaml: str | None = None, trainer_state=None,
-         state_dict: dict | None = None) -> Path:
+         state_dict: dict | None = None, adapter: dict | None = None) -> Path:
     """Write a checkpoint into ``out_dir`` atomically (see module docstring) and return its path.
-    ``state_dict``: the full weights to write instead of ``model.state_dict()`` (a sharded model's, gathered).
+    ``state_dict``: the full weights to write instead of ``model.state_dict()`` (a sharded model's, gathered;
+    a LoRA model's, merged). ``adapter``: {"config": dict, "weights": dict} written to adapter/ (training.lora).
 
     Every byte is written (and fsynced) in the staging folder before anything in ``out_dir`` is replaced, and
     spartan.json is moved in last: a write that fails (disk full) leaves the previous checkpoint as it was,
@@ -129,6 +130,12 @@ def save(out_dir, model, tokenizer, *, meta: dict, run_config_yaml: str | None =
             tokenizer.save_pretrained(staging)
         if run_config_yaml is not None:
             (staging / RUN_CONFIG).write_text(run_config_yaml)
+        if adapter is not None:
+            from spartan_cli.training.lora import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS
+
+            (staging / ADAPTER_DIR).mkdir()
+            save_file(adapter["weights"], str(staging / ADAPTER_DIR / ADAPTER_WEIGHTS))
+            (staging / ADAPTER_DIR / ADAPTER_CONFIG).write_text(json.dumps(adapter["config"], indent=2, default=str))
         if trainer_state is not None:
             tensors, opt_meta = _flatten_optimizer(trainer_state.optimizer)
             for k, v in trainer_state.rng.items():
@@ -142,7 +149,7 @@ def save(out_dir, model, tokenizer, *, meta: dict, run_config_yaml: str | None =
                 "validation_ref": trainer_state.validation_ref, "eval_base_ce": trainer_state.eval_base_ce,
             }
             (staging / STATE_JSON).write_text(json.dumps(state_json))
-        files = sorted(p.name for p in staging.iterdir() if p.is_file())
+        files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
         for name in files:
             with open(staging / name, "rb") as f:
                 os.fsync(f.fileno())
@@ -166,6 +173,7 @@ def save(out_dir, model, tokenizer, *, meta: dict, run_config_yaml: str | None =
         mode = 0o666 & ~umask()  # safetensors (save_pretrained's too) writes 0o600: give what open() would
         for name in files:  # renames within one file system: no new space needed
             os.chmod(staging / name, mode)
+            (out / name).parent.mkdir(exist_ok=True)
             os.replace(staging / name, out / name)
         os.replace(staging / META, out / META)
     finally:

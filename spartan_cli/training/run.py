@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from spartan_cli.config import GateConfig, GecoConfig, TrainConfig, to_jsonable
 from spartan_cli.errors import ConfigError
+from spartan_cli.training import lora as lora_mod
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,16 @@ def _load_data(cfg: RunConfig, tokenizer, model):
     return load_blocks(data_cfg, tokenizer, max_positions=model_shape(model).max_positions)
 
 
+def _lora_model(cfg: RunConfig, load_model, attach_gates):
+    """(model with gates and fresh LoRA adapters, tokenizer, source) for a ``train.lora_rank`` run."""
+    model, tokenizer, source = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    attach_gates(model, cfg.gate)
+    targets = None if cfg.train.lora_targets is None else [t.strip() for t in cfg.train.lora_targets.split(",")
+                                                          if t.strip()]
+    lora_mod.add_lora(model, cfg.train.lora_rank, cfg.train.lora_alpha, targets, seed=cfg.train.seed)
+    return model, tokenizer, source
+
+
 def task_metrics(model_name: str, model) -> dict:
     """Metrics of a built-in model's own task (addition: exact match; shakespeare: text CE, induction)."""
     from spartan_cli import builtin
@@ -150,20 +161,28 @@ def run_sparsify(
     if not main:
         on_step = None
 
+    lora = cfg.train.lora_rank > 0
     state = None
     if resume:
         prior = checkpoint.read_meta(out)
         state = checkpoint.load_trainer_state(out)
         say(f"resuming {out} from step {state.step}")
-        model, tokenizer = checkpoint.load(out)
-        source = prior["base_model"]
         if prior.get("base_model_name") != cfg.model:
             raise ConfigError(f"--resume: {str(out)!r} was trained from {prior.get('base_model_name')!r}, "
                               f"not {cfg.model!r}; pass the same model")
+        if lora:  # the frozen base again from its source, the saved adapter put back: nothing merged is undone
+            model, tokenizer, source = _lora_model(cfg, load_model, attach_gates)
+            lora_mod.load_adapter(model, out)
+        else:
+            model, tokenizer = checkpoint.load(out)
+            source = prior["base_model"]
     else:
         say(f"loading model {cfg.model}")
-        model, tokenizer, source = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
-        attach_gates(model, cfg.gate)
+        if lora:
+            model, tokenizer, source = _lora_model(cfg, load_model, attach_gates)
+        else:
+            model, tokenizer, source = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+            attach_gates(model, cfg.gate)
     distributed.place(model, device, world, cfg.train.parallel)  # whole, or this rank's FSDP shards
     splits = _load_data(cfg, tokenizer, model)
     say(f"data: {len(splits.train)} training blocks, {len(splits.heldout)} held-out blocks of {splits.train.seq_len} tokens")
@@ -194,11 +213,16 @@ def run_sparsify(
             return
         meta = {**base_meta, "target_loss": st.tau, "base_ce": st.base_ce, "step": st.step,
                 "step0_density": st.step0_density, "final": final}
+        adapter = None
+        if lora:  # the merged model for every reader, and the adapter alone
+            weights, adapter = lora_mod.merged_state_dict(model), lora_mod.adapter_files(model)
         checkpoint.save(out, model, tokenizer, meta=meta, run_config_yaml=run_yaml, trainer_state=st,
-                        state_dict=weights)
+                        state_dict=weights, adapter=adapter)
 
     reference = None
-    if cfg.geco.reference == "batch" or cfg.geco.constraint == "kl":  # the dense base, frozen, beside the
+    if (cfg.geco.reference == "batch" or cfg.geco.constraint == "kl") and lora:
+        reference = lora_mod.DenseView(model)  # the student with adapters off and gates open: no second copy
+    elif cfg.geco.reference == "batch" or cfg.geco.constraint == "kl":  # the dense base, frozen, beside the
         # student (resume loads it afresh)
         say("loading the dense reference model")
         reference, _, _ = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)

@@ -133,10 +133,15 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def trainable_parameters(model, which: str):
+    """Set requires_grad on the parameters that train -> them: ``which`` = all | attention | lora (the
+    adapters of training.lora alone)."""
     from spartan_cli.hf.models import adapter_for
+    from spartan_cli.training.lora import is_adapter_parameter
 
     if which == "all":
         names = {n for n, _ in model.named_parameters()}
+    elif which == "lora":
+        names = {n for n, _ in model.named_parameters() if is_adapter_parameter(n)}
     else:
         names = set(adapter_for(model).attention_param_names(model))
     params = []
@@ -234,9 +239,10 @@ def _setup(model, data: Splits, cfg: SparsifyConfig, reference, resume: TrainerS
     row_gens = [torch.Generator(device=device) for _ in range(local_bs)]  # gate noise, one stream per row
     for s in states:
         s.generator = row_gens
-    trainable_parameters(model, tc.trainable)  # requires_grad set before wrapping: FSDP keeps it on the shards
+    which = "lora" if tc.lora_rank else tc.trainable
+    trainable_parameters(model, which)  # requires_grad set before wrapping: FSDP keeps it on the shards
     step_model = distributed.wrap(model, world, tc.parallel)  # DDP, or FSDP sharding in place; model itself alone
-    params = trainable_parameters(model, tc.trainable)  # after wrapping: FSDP replaces parameters by shards
+    params = trainable_parameters(model, which)  # after wrapping: FSDP replaces parameters by shards
     # fused: one kernel over all parameters (the per-tensor loop took ~10 s a step for a 135M model on CPU)
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.95), fused=True)
     if resume is not None:
