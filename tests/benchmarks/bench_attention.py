@@ -22,6 +22,9 @@ Memory: each (implementation, length) in a fresh process (glibc told to return l
   peak     the process's peak resident memory during a step (weights, gradients, AdamW state, activations)
   step     that peak minus the resident memory before the step (what the step itself adds)
   saved    bytes autograd keeps for the backward (unique storages, parameters excluded)
+On CUDA (``--device cuda``): steps under bf16 autocast (the trainer's dtype auto), memory the peak of
+torch.cuda's allocated bytes during a step, in this process; ``--impls`` may add ``flash`` (sdpa held to its
+FlashAttention kernel).
 """
 
 from __future__ import annotations
@@ -42,8 +45,10 @@ import torch
 THREADS = 1  # shared CPU cores: keep to one unless told otherwise
 DENSE = ("sdpa", "eager")
 IMPLS = ("spartan",) + DENSE
+FLASH = "flash"  # CUDA only: sdpa restricted to its FlashAttention kernel (bf16 under autocast)
 BETA = 0.01  # any positive multiplier: the regulariser's backward is part of a gated step
 ROOT = Path(__file__).resolve().parents[2]
+DEVICE = torch.device("cpu")  # --device cuda: steps under bf16 autocast (as the trainer's dtype auto), CUDA memory
 
 
 def gpt2_small(seed: int = 0, chunk_mb: float | None = None):
@@ -56,16 +61,30 @@ def gpt2_small(seed: int = 0, chunk_mb: float | None = None):
     cfg = GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # dropout off, as in post-training
     model = GPT2LMHeadModel(cfg)  # the GPT-2 small shape, random weights
     attach_gates(model, chunk_mb=CHUNK_MB if chunk_mb is None else chunk_mb)  # set_impl picks what runs
-    return model
+    return model.to(DEVICE)
 
 
 def set_impl(model, impl: str) -> None:
-    model.set_attn_implementation(impl)
+    model.set_attn_implementation("sdpa" if impl == FLASH else impl)
+
+
+def _context(impl: str):
+    """bf16 autocast on CUDA, and for ``flash`` sdpa held to its FlashAttention kernel."""
+    from contextlib import ExitStack
+
+    stack = ExitStack()
+    if DEVICE.type == "cuda":
+        stack.enter_context(torch.autocast("cuda", dtype=torch.bfloat16))
+    if impl == FLASH:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        stack.enter_context(sdpa_kernel([SDPBackend.FLASH_ATTENTION]))
+    return stack
 
 
 def batch_ids(batch: int, seq: int, vocab: int = 50257, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (batch, seq), generator=g)  # (batch, pos)
+    return torch.randint(0, vocab, (batch, seq), generator=g).to(DEVICE)  # (batch, pos)
 
 
 class Trainer:
@@ -84,7 +103,7 @@ class Trainer:
 
         set_impl(self.model, impl)
         gated = impl == "spartan"
-        with recording(self.model) if gated else nullcontext():
+        with recording(self.model) if gated else nullcontext(), _context(impl):
             out = self.model(input_ids=ids, labels=ids)
             loss = out.loss.float()
             if gated:
@@ -99,9 +118,16 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
 
 
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def _timed(fn) -> float:
+    _sync()
     t = time.perf_counter()
     fn()
+    _sync()
     return time.perf_counter() - t
 
 
@@ -116,7 +142,7 @@ def time_steps(model, *, batch: int, seq: int, repeats: int, impls=IMPLS) -> dic
         set_impl(model, impl)
         model.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), _context(impl):
                 model(input_ids=ids)
         finally:
             model.train()
@@ -171,7 +197,26 @@ def memory_worker(impl: str, batch: int, seq: int, chunk_mb: float | None = None
     return {"impl": impl, "batch": batch, "seq": seq, "peak": peak, "step": peak - rest, "saved": sum(saved.values())}
 
 
+def cuda_memory(impl: str, batch: int, seq: int, chunk_mb: float | None = None) -> dict:
+    """On CUDA, in this process: peak allocated memory of one training step (after a warm-up step)."""
+    model = gpt2_small(chunk_mb=chunk_mb)
+    trainer = Trainer(model)
+    ids = batch_ids(batch, seq)
+    trainer.step(ids, impl)
+    torch.cuda.synchronize()
+    rest = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    trainer.step(ids, impl)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    del trainer, model
+    torch.cuda.empty_cache()
+    return {"impl": impl, "batch": batch, "seq": seq, "peak": peak, "step": peak - rest, "saved": 0}
+
+
 def memory(impl: str, *, batch: int, seq: int, threads: int, chunk_mb: float | None = None) -> dict:
+    if DEVICE.type == "cuda":
+        return cuda_memory(impl, batch, seq, chunk_mb)
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072",
            "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, __file__, "--memory-worker", impl, "--batch", str(batch), "--seq", str(seq),
@@ -190,7 +235,7 @@ def _gib(n: float) -> str:
 
 def report_point(t: dict, mem: dict, *, batch: int, seq: int) -> list[str]:
     g = "spartan"
-    dense = [d for d in DENSE if d in mem]
+    dense = [d for d in DENSE + (FLASH,) if d in mem]
     lines = [f"GPT-2 small shape, batch {batch} x seq {seq}:"]
     for d in dense:
         lines.append(f"  (a) training step   gated {t['step_s'][g]:.2f} s / {d} {t['step_s'][d]:.2f} s = "
@@ -224,7 +269,7 @@ def sweep_lines(points: list[dict]) -> list[str]:
     """(d): per length, the gated step's time and added memory over each dense implementation's, each
     implementation's step-memory growth from the shortest length, and the gated growth over sdpa's (target <= 1.2x)."""
     impls = list(points[0]["memory"])
-    dense = [d for d in DENSE if d in impls]
+    dense = [d for d in DENSE + (FLASH,) if d in impls]
     lines = ["  (d)   seq  " + "  ".join(f"step s gated/{d}  memory gated/{d}" for d in dense)
              + "  memory growth " + " ".join(impls) + "   gated growth / sdpa growth"]
     first = points[0]["memory"]
@@ -260,7 +305,9 @@ def main() -> None:
     parser.add_argument("--skip-point", action="store_true", help="only the (d) sweep")
     parser.add_argument("--chunk-mb", type=float, default=None,
                         help="gated attention's tiling threshold and tile size in MiB (small: every call tiled)")
-    parser.add_argument("--impls", default=",".join(IMPLS), help="implementations to measure [spartan,sdpa,eager]")
+    parser.add_argument("--impls", default=",".join(IMPLS),
+                        help="implementations to measure [spartan,sdpa,eager]; on CUDA also flash")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda [cpu]")
     parser.add_argument("--json", default=None, help="also write every measurement to this JSON file")
     parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -268,9 +315,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         print(json.dumps(memory_worker(args.memory_worker, args.batch, args.seq, args.chunk_mb)))
         return
+    global DEVICE
+    DEVICE = torch.device(args.device)
     impls = tuple(args.impls.split(","))
-    if "spartan" not in impls or not set(impls) <= set(IMPLS):
-        parser.error(f"--impls must include spartan and name only {', '.join(IMPLS)}, got {args.impls!r}")
+    known = IMPLS + ((FLASH,) if DEVICE.type == "cuda" else ())
+    if "spartan" not in impls or not set(impls) <= set(known):
+        parser.error(f"--impls must include spartan and name only {', '.join(known)}, got {args.impls!r}")
     results = {}
     if not args.skip_point:
         r = measure(batch=args.batch, seq=args.seq, repeats=args.repeats, threads=args.threads, chunk_mb=args.chunk_mb,

@@ -1,0 +1,5 @@
+"""``python -m spartan_cli ...``: the ``spartan`` command without its console script."""
+
+from spartan_cli.cli.main import main
+
+main()
