@@ -336,6 +336,21 @@ def write_node_link(cfg):
     return _graph_export(cfg, lambda r: node_link_text(r.graph))
 
 
+def eap_ig_text(result) -> str:
+    """A component circuit as EAP-IG / MIB graph JSON (``eap.graph.Graph.from_json`` loads it; so does
+    ``spartan circuit --evaluate-circuit``)."""
+    from spartan_cli.circuit.graph import Graph
+
+    if not isinstance(result.graph, Graph):
+        raise DataError("--format eap-ig writes component circuits; this circuit.json is token level (EAP-IG "
+                        "graphs have no positions): export --format json or graphml instead")
+    return json.dumps(result.graph.to_eap_ig()) + "\n"
+
+
+def write_eap_ig(cfg):
+    return _graph_export(cfg, eap_ig_text)
+
+
 def _rendered(fmt: str):
     def write(cfg):
         from spartan_cli.circuit.run import circuit_dot_text
@@ -357,6 +372,8 @@ FORMATS: dict[str, Format] = {f.name: f for f in [
     Format("graphml", "circuit", "the circuit of a circuit.json as GraphML (networkx, Gephi, yEd)", write_graphml),
     Format("dot", "circuit", "the circuit as Graphviz DOT", write_dot),
     Format("json", "circuit", "the circuit as networkx node-link JSON", write_node_link),
+    Format("eap-ig", "circuit", "the circuit as EAP-IG / MIB graph JSON (cfg, nodes, edges with score and "
+           "in_graph)", write_eap_ig),
     Format("png", "circuit", "the circuit drawn by Graphviz (needs the graphviz package)", _rendered("png")),
     Format("svg", "circuit", "the circuit drawn by Graphviz (needs the graphviz package)", _rendered("svg")),
 ]}

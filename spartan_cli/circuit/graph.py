@@ -108,6 +108,7 @@ class Graph:
 
         config_only = SimpleNamespace(config=config)  # the shape helpers read nothing but ``.config``
         shape = model_shape(config_only)
+        meta = {"d_model": shape.d_model, **(meta or {})}  # EAP-IG's Graph.from_json needs d_model in cfg
         return cls.from_shape(shape.n_layers, shape.n_heads, parallel_attn_mlp=parallel_attn_mlp(config_only),
                               meta=meta)
 
@@ -300,6 +301,13 @@ class Graph:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
+
+    def to_eap_ig(self) -> dict:
+        """Exactly the fields EAP-IG's (and MIB's) ``Graph.from_json`` reads: ``cfg`` {n_layers, n_heads,
+        parallel_attn_mlp, d_model}, ``nodes`` {name: {in_graph}}, ``edges`` {name: {score, in_graph}}."""
+        full = self.to_dict()
+        cfg = {k: full["cfg"][k] for k in ("n_layers", "n_heads", "parallel_attn_mlp", "d_model") if k in full["cfg"]}
+        return {"cfg": cfg, "nodes": full["nodes"], "edges": full["edges"]}
 
     @classmethod
     def from_json(cls, text: str) -> Graph:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -107,6 +108,86 @@ def circuit_run(cfg: CircuitConfig, *, on_progress: Callable | None = None) -> C
     return CircuitRun(model=result, base=base, config=resolved, task=task.describe())
 
 
+# ---------------------------------------------------------------------- a circuit from a file, evaluated
+def read_graph_file(path):
+    """A component circuit from a JSON file: EAP-IG / MIB graph JSON (cfg, nodes, edges) or a circuit.json
+    of ``spartan circuit`` (component level) -> graph.Graph with its ``in_graph``."""
+    from spartan_cli.circuit.graph import Graph
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"circuit file {str(path)!r} does not exist; pass an EAP-IG graph JSON or a circuit.json") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path} is not JSON ({getattr(exc, 'msg', exc)}); pass an EAP-IG graph JSON or a "
+                        "circuit.json") from None
+    if not isinstance(data, dict) or data.get("kind") == "token_circuit":
+        raise DataError(f"{path} is not a component circuit (EAP-IG graph JSON: cfg, nodes, edges); token-level "
+                        "circuits cannot be evaluated this way")
+    return Graph.from_dict({k: data[k] for k in ("cfg", "edges", "schema_version") if k in data})
+
+
+def evaluate_graph(model, tokenizer, circuit, cfg: CircuitConfig, *, task, name: str) -> dict:
+    """Edge-patching faithfulness of ``circuit`` (a graph.Graph) on ``model`` for ``task``: the same pairs,
+    metric and deterministic gates as a search; refuses a circuit of another architecture's shape."""
+    import torch
+
+    from spartan_cli.circuit.driver import batches_of
+    from spartan_cli.circuit.faithfulness import evaluate
+    from spartan_cli.circuit.graph import Graph
+    from spartan_cli.gating.attention import is_gated
+    from spartan_cli.gating.scopes import deterministic_gates
+
+    graph = Graph.from_model(model)
+    theirs = (circuit.n_layers, circuit.n_heads, circuit.parallel_attn_mlp)
+    ours = (graph.n_layers, graph.n_heads, graph.parallel_attn_mlp)
+    if theirs != ours:
+        raise ConfigError(f"the circuit is of a model with {theirs[0]} layers x {theirs[1]} heads (parallel "
+                          f"attention/MLP {theirs[2]}), {name} has {ours[0]} x {ours[1]} ({ours[2]}): evaluate it "
+                          "on a model of its architecture")
+    pairs = task.contrast(tokenizer, n=cfg.n_examples, seed=cfg.seed)
+    batches = batches_of(pairs, cfg.batch_size)
+    gated = is_gated(model)
+    with deterministic_gates(model) if gated else nullcontext(), torch.no_grad():
+        result = evaluate(model, batches, metric=task.metric, circuits=[circuit.in_graph], graph=graph,
+                          max_delta_mb=cfg.max_delta_mb)
+    metric = result.metrics[0]
+    return {"model": name, "gated": gated, "edges": circuit.n_edges, "nodes": circuit.n_nodes,
+            "total_edges": graph.n_real_edges, "metric": metric, "faithfulness": result.faithfulness(metric),
+            "baselines": {"clean": result.clean, "corrupted": result.corrupted}, "n_examples": result.n_examples}
+
+
+def evaluate_circuit_run(cfg: CircuitConfig, path, *, on_progress: Callable | None = None) -> dict:
+    """``spartan circuit MODEL --evaluate-circuit FILE``: the file's circuit on ``cfg.model`` (and with
+    ``compare_base`` on its base model too) -> {"task", "circuit", "model", "base"}."""
+    from spartan_cli.hf.subjects import base_model_name, load_subject_and_task, swap_for_base
+
+    if cfg.level != "component" or cfg.minimize:
+        raise ConfigError("--evaluate-circuit reads a component circuit and evaluates it as it is; drop --level "
+                          "token and --minimize")
+    say = on_progress or (lambda p: log.info(p.stage))
+    circuit = read_graph_file(path)  # before any loading
+    subject, task, device = load_subject_and_task(cfg, say)
+    if task is None:
+        raise ConfigError(f"{cfg.model!r} has no task of its own; pass --task")
+    base_name = base_model_name(subject, cfg.baseline) if cfg.compare_base else None
+    if cfg.compare_base and base_name is None:
+        raise ConfigError(f"{cfg.model!r} is a plain model with no base model to compare with; pass --baseline "
+                          "MODEL or drop --compare-base")
+    from spartan_cli.progress import Progress
+
+    say(Progress(f"evaluating the circuit of {path} on {cfg.model}", 0, None))
+    model = evaluate_graph(subject.model, subject.tokenizer, circuit, cfg, task=task, name=cfg.model)
+    base = None
+    if base_name is not None:
+        subject, base_model = swap_for_base(subject, base_name, device=device,
+                                            trust_remote_code=cfg.trust_remote_code, say=say)
+        say(Progress(f"evaluating the circuit of {path} on {base_name}", 0, None))
+        base = evaluate_graph(base_model, subject.tokenizer, circuit, cfg, task=task, name=base_name)
+    return {"task": task.describe(), "circuit": str(path), "model": model, "base": base}
+
+
 # ------------------------------------------------------------------------------------------- files
 def write_all(result, out_dir, *, command: str = "", config: dict | None = None) -> list[Path]:
     """circuit.json, circuit.graphml, circuit.dot, curve.csv, curve.png, circuit.png in ``out_dir``."""
@@ -151,4 +232,4 @@ def circuit_dot_text(graph, *, title: str = "circuit") -> str:
 
 
 __all__ = ["LEVELS", "CircuitRun", "circuit_dot_text", "circuit_graphml_text", "circuit_networkx", "circuit_run",
-           "find_circuit", "read_circuit", "write_all"]
+           "evaluate_circuit_run", "evaluate_graph", "find_circuit", "read_circuit", "read_graph_file", "write_all"]

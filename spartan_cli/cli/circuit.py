@@ -41,6 +41,9 @@ GATE_GRADIENT_CHOICES = ("hard", "straight-through")  # attribute.GATE_GRADIENTS
               help="Cut the circuit that reaches --faithfulness by backward elimination (as ACDC prunes): drop its "
               "edges one at a time, lowest |score| first, keeping each drop that leaves F at the level; reports a "
               "circuit no single edge can leave. One patched evaluation per edge and pass.")
+@click.option("--evaluate-circuit", "evaluate_circuit", type=click.Path(dir_okay=False), default=None,
+              help="Instead of a search: evaluate the circuit in this EAP-IG / MIB graph JSON (or a circuit.json) "
+              "on MODEL by edge patching (its faithfulness on the task's pairs); with --compare-base on the base too.")
 @click.option("--compare-base", is_flag=True, help="Also find the base model's circuit; one table with both and their ratio.")
 @click.option("--baseline", default=None, help="Base model for --compare-base [the checkpoint's base_model].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Which pairs the task draws.")
@@ -53,7 +56,8 @@ GATE_GRADIENT_CHOICES = ("hard", "straight-through")  # attribute.GATE_GRADIENTS
 @click.option("--trust-remote-code", is_flag=True, help="Allow a hub model's own Python code to run.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
 def command(model, task, method, ig_steps, gate_gradient, n_examples, batch_size, selection, faithfulness, level, minimize,
-            compare_base, baseline, seed, max_delta_mb, out, as_json, device, trust_remote_code, quiet):
+            evaluate_circuit, compare_base, baseline, seed, max_delta_mb, out, as_json, device, trust_remote_code,
+            quiet):
     """Find MODEL's circuit for a task: score every edge (input, heads with separate q/k/v inputs, MLPs,
     logits) by EAP/EAP-IG, sweep circuit sizes with edge patching, and report the edges and nodes needed
     to reach --faithfulness, the curve, CPR/CMD and the heads carrying most of the score. A spartan
@@ -65,6 +69,7 @@ def command(model, task, method, ig_steps, gate_gradient, n_examples, batch_size
       spartan circuit runs/smollm2 --task ioi --n-examples 64 --method eap --json
       spartan circuit runs/addition --level token --compare-base --out runs/addition-tokens
       spartan circuit runs/addition --task addition:operands --compare-base --minimize
+      spartan circuit runs/addition --evaluate-circuit graph.json --compare-base   # an EAP-IG / MIB graph
     """
     from spartan_cli.circuit.driver import CircuitConfig
     from spartan_cli.circuit.run import circuit_run
@@ -76,6 +81,8 @@ def command(model, task, method, ig_steps, gate_gradient, n_examples, batch_size
                         compare_base=compare_base or baseline is not None, baseline=baseline, seed=seed,
                         max_delta_mb=max_delta_mb, device=device, trust_remote_code=trust_remote_code, level=level,
                         minimize=minimize)
+    if evaluate_circuit is not None:
+        return _evaluate_file(cfg, evaluate_circuit, out=out, as_json=as_json, quiet=quiet)
     with StageProgress(quiet=quiet) as progress:
         run = circuit_run(cfg, on_progress=progress)
     report = make_report("circuit", command=command_line(), config=run.config, metrics=run.metrics())
@@ -99,6 +106,36 @@ def command(model, task, method, ig_steps, gate_gradient, n_examples, batch_size
         _print_token_tables(run)
     else:
         _print_tables(run)
+
+
+def _evaluate_file(cfg, path: str, *, out, as_json: bool, quiet: bool) -> None:
+    """--evaluate-circuit: the file's circuit evaluated on the model (and base); report.json in --out."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from spartan_cli.circuit.run import evaluate_circuit_run
+    from spartan_cli.measure.report import make_report, write_report
+
+    with StageProgress(quiet=quiet) as progress:
+        result = evaluate_circuit_run(cfg, path, on_progress=progress)
+    report = make_report("circuit_evaluation", command=command_line(), config={**cfg.to_dict(), "circuit": path},
+                         metrics=result)
+    if out is not None:
+        write_report(report, out, name="report.json")
+    if as_json:
+        click.echo(report.to_json(), nl=False)
+        return
+    rows = [r for r in (result["model"], result["base"]) if r is not None]
+    table = Table(title=f"spartan circuit --evaluate-circuit {path}: {result['task'].get('task')}, "
+                        f"{rows[0]['n_examples']} pairs")
+    for col in ("model", "edges / total", "nodes", "F", "metric", "clean / corrupted"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for r in rows:
+        kind = "sparse" if r["gated"] else "dense"
+        table.add_row(f"{kind} {r['model']}", f"{r['edges']:,} / {r['total_edges']:,}", f"{r['nodes']:,}",
+                      _fmt(r["faithfulness"], ".3f"), f"{r['metric']:.3g}",
+                      f"{r['baselines']['clean']:.3g} / {r['baselines']['corrupted']:.3g}")
+    Console().print(table)
 
 
 GATES_NOTE = ("deterministic gates 1[g > 0] in attribution and patching, recomputed from the patched q/k in every "

@@ -15,7 +15,7 @@ FORMAT_HELP = "\n".join(f"  {name:<9} {FORMATS[name].help} [source: {FORMATS[nam
 @click.argument("source")
 @click.option("--format", "-f", "fmt", type=click.Choice(list(FORMATS)), required=True,
               help="What to write (see Formats below). hf/dense-hf/masks read a checkpoint directory; "
-                   "graphml/dot/json/png/svg read the circuit.json of `spartan circuit --out` (or its folder).")
+                   "graphml/dot/json/eap-ig/png/svg read the circuit.json of `spartan circuit --out` (or its folder).")
 @click.option("--out", "-o", required=True, type=click.Path(), help="Directory (hf, dense-hf) or file to write.")
 @click.option("--prompt", "prompts", multiple=True, help="masks: export this text's masks (repeatable) instead of a dataset.")
 @click.option("--data", default=None, help="masks: text to cut into blocks [the checkpoint's held-out blocks].")
@@ -37,6 +37,7 @@ def command(source, fmt, out, prompts, data, seq_len, text_field, max_sequences,
       spartan export runs/gpt2 --format dense-hf --out exported/gpt2-dense   # no gates: loses the sparsity
       spartan export runs/addition --format masks --prompt "53+21=00074" --out masks.jsonl
       spartan export runs/addition-circuit/circuit.json --format graphml --out circuit.graphml
+      spartan export runs/addition-circuit --format eap-ig --out graph.json   # EAP-IG / MIB Graph.from_json
     """
     from spartan_cli.cli.evaluate import quiet_loading
     from spartan_cli.exports import ExportConfig, export

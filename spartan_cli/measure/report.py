@@ -22,7 +22,7 @@ from spartan_cli import __version__
 from spartan_cli.errors import SpartanError
 
 SCHEMA_VERSION = 1
-KINDS = ("evaluate", "density", "circuit")
+KINDS = ("evaluate", "density", "circuit", "circuit_evaluation")
 HEADER = ("schema_version", "spartan_version", "kind", "command", "config", "versions")
 
 
