@@ -50,7 +50,8 @@ GATE_GRADIENT_CHOICES = ("hard", "straight-through")  # attribute.GATE_GRADIENTS
 @click.option("--max-delta-mb", type=float, default=512.0, show_default=True,
               help="Cap on the activation-difference buffer per chunk of rows (sources x rows x pos x d_model).")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
-              help="Write report.json, circuit.json, GraphML, DOT, curve CSV/PNG and a picture here (base/ for the base).")
+              help="Write report.json, circuit.json, GraphML, DOT, curve CSV/PNG, a picture and circuit.html (component "
+              "level: both models' circuits in one page) here (base/ for the base).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("--device", default="auto", show_default=True, help="auto (cuda if present), cpu, cuda, cuda:N.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow a hub model's own Python code to run.")
@@ -94,6 +95,8 @@ def command(model, task, method, ig_steps, gate_gradient, n_examples, batch_size
 
         written = [write_report(report, out, name="report.json")]
         written += write_all(run.model, out, command=command_line(), config=run.config)
+        if level == "component":
+            written.append(_write_html(run, Path(out) / "circuit.html"))
         if run.base is not None:
             written += write_all(run.base, Path(out) / "base", command=command_line(), config=run.config)
             written.append(plot_curves([run.model, run.base], Path(out) / "curve.png",
@@ -136,6 +139,19 @@ def _evaluate_file(cfg, path: str, *, out, as_json: bool, quiet: bool) -> None:
                       _fmt(r["faithfulness"], ".3f"), f"{r['metric']:.3g}",
                       f"{r['baselines']['clean']:.3g} / {r['baselines']['corrupted']:.3g}")
     Console().print(table)
+
+
+def _write_html(run, path):
+    """circuit.html: the circuit (and the base model's beside it) drawn in one self-contained page."""
+    from spartan_cli.measure.html import circuit_html
+    from spartan_cli.training.checkpoint import atomic_write_text
+
+    panels = []
+    for r in [run.model] + ([run.base] if run.base is not None else []):
+        point = r.summary()["circuit"]
+        panels.append((f"{'sparse' if r.gated else 'dense'} {r.name}", r.graph, point["faithfulness"]))
+    atomic_write_text(path, circuit_html(panels, title=f"spartan circuit: {run.task.get('task')}"))
+    return path
 
 
 GATES_NOTE = ("deterministic gates 1[g > 0] in attribution and patching, recomputed from the patched q/k in every "

@@ -22,6 +22,9 @@ GRAPH_MAX_TOKENS = 64  # the Figure-1 graph is drawn for prompts up to this long
 @click.option("--baseline", default=None, help="Dense model for the --prompt pictures [the checkpoint's base_model].")
 @click.option("--no-baseline", is_flag=True, help="Draw the sparse model only.")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None, help="Write density.json (and PNGs) here.")
+@click.option("--html", "html_file", type=click.Path(dir_okay=False), default=None,
+              help="With --prompt: write one self-contained HTML page of its attention (choose a head; sparse next "
+              "to the dense base; hover a token for its edges).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("--plot", is_flag=True, help="Write a layer x head heatmap, density by position, and the --prompt pictures to --out.")
 @click.option("--max-batches", type=click.IntRange(min=1), default=None, help="Measure at most N batches.")
@@ -31,14 +34,15 @@ GRAPH_MAX_TOKENS = 64  # the Figure-1 graph is drawn for prompts up to this long
 @click.option("--device", default="auto", show_default=True, help="auto (cuda if present), cpu, cuda, cuda:N.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow a hub model's own Python code to run.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
-def command(ckpt, data, seq_len, text_field, prompt, baseline, no_baseline, out, as_json, plot, max_batches, batch_size,
-            gate_bias, device, trust_remote_code, quiet):
+def command(ckpt, data, seq_len, text_field, prompt, baseline, no_baseline, out, html_file, as_json, plot, max_batches,
+            batch_size, gate_bias, device, trust_remote_code, quiet):
     """Density of CKPT's deterministic gates (open / causal pairs) overall, per layer and per head; keys
     read per query; heads shut; density by query position.
 
     \b
     Examples:
       spartan density runs/addition --prompt "53+21=00074" --plot --out runs/addition-density
+      spartan density runs/shakespeare --prompt "ROMEO: But soft" --html attention.html
       spartan density runs/gpt2 --json | jq .overall.density
     """
     from spartan_cli.measure.density import DensityConfig, density_run
@@ -47,6 +51,10 @@ def command(ckpt, data, seq_len, text_field, prompt, baseline, no_baseline, out,
 
     if plot and out is None:
         raise ConfigError("--plot writes PNG files: pass --out DIR to say where")
+    if html_file is not None and prompt is None:
+        raise ConfigError("--html draws a prompt's attention: pass --prompt TEXT too")
+    if html_file is not None and not Path(html_file).expanduser().parent.is_dir():
+        raise ConfigError(f"--html {html_file!r}: its folder does not exist; create it or write the page elsewhere")
     quiet_loading()
     cfg = DensityConfig(model=ckpt, data=data, seq_len=seq_len, text_field=text_field, prompt=prompt, baseline=baseline,
                         compare_base=not no_baseline, batch_size=batch_size, max_batches=max_batches,
@@ -55,13 +63,19 @@ def command(ckpt, data, seq_len, text_field, prompt, baseline, no_baseline, out,
         run = density_run(cfg, on_progress=progress)
     report = make_report("density", command=command_line(), config=run.config, metrics=run.metrics())
     written = []
+    if html_file is not None:
+        from spartan_cli.measure.html import attention_html
+        from spartan_cli.training.checkpoint import atomic_write_text
+
+        atomic_write_text(Path(html_file), attention_html(run.prompt, title=f"spartan density {ckpt}"))
+        written.append(Path(html_file))
     if out is not None:
         written.append(write_report(report, out))
         if plot:
             written += _plots(run, Path(out))
-        if not quiet:
-            for path in written:
-                click.echo(f"wrote {path}", err=True)
+    if not quiet:
+        for path in written:
+            click.echo(f"wrote {path}", err=True)
     if as_json:
         click.echo(report.to_json(), nl=False)
     else:
