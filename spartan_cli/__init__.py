@@ -26,9 +26,17 @@ from spartan_cli.hf import registration as _registration
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "density", "evaluate", "export", "find_circuit", "load", "sparsify"]
+__all__ = ["__version__", "density", "evaluate", "export", "find_circuit", "load", "sparsify", "to_hooked"]
 
 _registration.install()
+
+
+def to_hooked(model, tokenizer=None):
+    """A TransformerLens HookedTransformer running ``model`` (gated: its deterministic gates as hooks on
+    hook_attn_scores / hook_pattern). Needs transformer-lens 3.x: pip install 'spartan-cli[lens]'. See hf.lens."""
+    from spartan_cli.hf.lens import to_hooked as _to_hooked
+
+    return _to_hooked(model, tokenizer)
 
 
 def load(path, **kwargs):
