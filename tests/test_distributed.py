@@ -220,3 +220,27 @@ def test_two_processes_with_a_resume_match_one_process(parallel, tiny_gpt2_dir, 
     gap = {k: max(abs(ra[k] - rb[k]) for ra, rb in zip(a, b)) for k in ("ce", "density", "beta")}
     print(f"{parallel}: max |2 procs - 1 proc| per step {gap}, final weights {diff:.2g} (moved {moved:.2g})")
     assert not list(two.glob(".staging-*"))  # rank 0 alone wrote, and finished
+
+
+@pytest.mark.slow  # one accelerate launch of two interpreters (~20 s on 2 busy cores)
+def test_accelerate_launch_matches_one_process(tiny_gpt2_dir, tiny_text_file, tmp_path, capsys):
+    """``accelerate launch --multi_gpu --num_processes 2`` runs the same data-parallel training as torchrun: the
+    one-process run's per-step CE, density and multiplier, its final figures, and a checkpoint that says 2."""
+    config, one, ref = _reference(tiny_gpt2_dir, tiny_text_file, tmp_path, capsys)
+    two = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    # --multi_gpu is accelerate's torchrun-style launcher; on a machine without CUDA the ranks take gloo on CPU
+    # (accelerate's --cpu would start one process only)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "spartan_cli.cli.main",
+           *_args(tiny_gpt2_dir, tiny_text_file, two, config, 6)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
+    full = json.loads(done.stdout)
+    assert json.loads((two / "spartan.json").read_text())["processes"] == 2
+    assert json.loads((one / "spartan.json").read_text())["processes"] == 1
+    for ra, rb in zip(_log(one), _log(two), strict=True):
+        for key in ("ce", "reg", "density", "beta", "tau"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), (ra["step"], key)
+    for key in ("ce", "density", "beta"):
+        assert full[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), key

@@ -197,7 +197,8 @@ def run_sparsify(
             log_path.unlink()
     run_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     base_meta = {"base_model": source, "base_model_name": cfg.model, "gate": cfg.gate.to_dict(),
-                 "geco": cfg.geco.to_dict(), "train": cfg.train.to_dict(), "data": cfg.data, "command": command}
+                 "geco": cfg.geco.to_dict(), "train": cfg.train.to_dict(), "data": cfg.data, "command": command,
+                 "processes": world.size}
 
     def log_step(rec):
         if not main:
