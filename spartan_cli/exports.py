@@ -101,7 +101,7 @@ class Format:
     name: str
     source: str  # "checkpoint" | "circuit"
     help: str
-    write: Callable[[ExportConfig], ExportResult]
+    write: Callable[..., ExportResult]  # (cfg, say=None): say takes progress.Progress records
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -192,11 +192,11 @@ def _save_hf(cfg: ExportConfig, *, gated: bool) -> ExportResult:
     return ExportResult(cfg.format, out, files, {"gates_active": gated, "base_model": meta.get("base_model")})
 
 
-def write_hf(cfg: ExportConfig) -> ExportResult:
+def write_hf(cfg: ExportConfig, say=None) -> ExportResult:
     return _save_hf(cfg, gated=True)
 
 
-def write_dense_hf(cfg: ExportConfig) -> ExportResult:
+def write_dense_hf(cfg: ExportConfig, say=None) -> ExportResult:
     return _save_hf(cfg, gated=False)
 
 
@@ -235,7 +235,7 @@ def mask_records(model, tokenizer, blocks, *, batch_size: int = 8, texts=None, s
             yield record
 
 
-def write_masks(cfg: ExportConfig) -> ExportResult:
+def write_masks(cfg: ExportConfig, say=None) -> ExportResult:
     from spartan_cli.measure.density import encode_prompt
     from spartan_cli.hf.subjects import load_subject
     from spartan_cli.measure.evaluate import eval_data
@@ -262,7 +262,12 @@ def write_masks(cfg: ExportConfig) -> ExportResult:
     out.parent.mkdir(parents=True, exist_ok=True)
     from spartan_cli.training.checkpoint import atomic_open
 
+    from spartan_cli.progress import Progress
+
+    say = say or (lambda p: None)
+    total = sum(ids.shape[0] for ids, _ in rows)
     n, pairs = 0, 0
+    say(Progress("open gates per sequence", 0, total))
     with atomic_open(out, "w") as f:
         for ids, texts in rows:
             for record in mask_records(subject.model, subject.tokenizer, ids, batch_size=cfg.batch_size,
@@ -271,6 +276,7 @@ def write_masks(cfg: ExportConfig) -> ExportResult:
                 f.write(json.dumps(record) + "\n")
                 n += 1
                 pairs += sum(len(h) for layer in record["open"] for h in layer)
+                say(Progress("open gates per sequence", n, total))
     return ExportResult(cfg.format, out, (out,), {"sequences": n, "open_pairs": pairs})
 
 
@@ -320,19 +326,19 @@ def render_dot(dot: str, fmt: str) -> bytes:
     return done.stdout
 
 
-def write_graphml(cfg):
+def write_graphml(cfg, say=None):
     from spartan_cli.circuit.run import circuit_graphml_text
 
     return _graph_export(cfg, lambda r: circuit_graphml_text(r.graph))
 
 
-def write_dot(cfg):
+def write_dot(cfg, say=None):
     from spartan_cli.circuit.run import circuit_dot_text
 
     return _graph_export(cfg, lambda r: circuit_dot_text(r.graph, title=_graph_title(r)))
 
 
-def write_node_link(cfg):
+def write_node_link(cfg, say=None):
     return _graph_export(cfg, lambda r: node_link_text(r.graph))
 
 
@@ -347,12 +353,12 @@ def eap_ig_text(result) -> str:
     return json.dumps(result.graph.to_eap_ig()) + "\n"
 
 
-def write_eap_ig(cfg):
+def write_eap_ig(cfg, say=None):
     return _graph_export(cfg, eap_ig_text)
 
 
 def _rendered(fmt: str):
-    def write(cfg):
+    def write(cfg, say=None):
         from spartan_cli.circuit.run import circuit_dot_text
 
         if shutil.which("dot") is None:  # fail before reading anything
@@ -379,6 +385,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in [
 ]}
 
 
-def export(cfg: ExportConfig) -> ExportResult:
-    """Write ``cfg.source`` in ``cfg.format`` to ``cfg.out`` (see the module docstring)."""
-    return FORMATS[cfg.format].write(cfg)
+def export(cfg: ExportConfig, *, on_progress: Callable | None = None) -> ExportResult:
+    """Write ``cfg.source`` in ``cfg.format`` to ``cfg.out`` (see the module docstring); ``on_progress``
+    takes progress.Progress records of the long formats (masks)."""
+    return FORMATS[cfg.format].write(cfg, say=on_progress)

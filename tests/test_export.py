@@ -182,6 +182,16 @@ def test_masks_for_prompts_keep_the_text(ckpt, tmp_path, capsys):
         assert all(p[0] != 0 or p == [0, 0] for layer in r["open"] for h in layer for p in h)
 
 
+def test_masks_report_progress_unless_quiet(ckpt, tmp_path, capsys):
+    args = ["export", str(ckpt), "--format", "masks", "--max-sequences", "3", "--overwrite", "--out",
+            str(tmp_path / "m.jsonl")]
+    main(args)
+    err = capsys.readouterr().err
+    assert "open gates per sequence" in err and "3/3" in err  # a plain line per tenth off a terminal
+    main(args + ["--quiet"])
+    assert capsys.readouterr().err == ""
+
+
 # ------------------------------------------------------------------------------------- circuit graphs
 @pytest.fixture(scope="module")
 def circuit_json(tmp_path_factory):

@@ -128,7 +128,8 @@ def read_graph_file(path):
     return Graph.from_dict({k: data[k] for k in ("cfg", "edges", "schema_version") if k in data})
 
 
-def evaluate_graph(model, tokenizer, circuit, cfg: CircuitConfig, *, task, name: str) -> dict:
+def evaluate_graph(model, tokenizer, circuit, cfg: CircuitConfig, *, task, name: str,
+                   say: Callable | None = None) -> dict:
     """Edge-patching faithfulness of ``circuit`` (a graph.Graph) on ``model`` for ``task``: the same pairs,
     metric and deterministic gates as a search; refuses a circuit of another architecture's shape."""
     import torch
@@ -149,9 +150,16 @@ def evaluate_graph(model, tokenizer, circuit, cfg: CircuitConfig, *, task, name:
     pairs = task.contrast(tokenizer, n=cfg.n_examples, seed=cfg.seed)
     batches = batches_of(pairs, cfg.batch_size)
     gated = is_gated(model)
+    from spartan_cli.progress import Progress
+
+    stage = f"evaluating the circuit on {name} (edge patching)"
+    say = say or (lambda p: None)
+    say(Progress(stage, 0, len(pairs)))
     with deterministic_gates(model) if gated else nullcontext(), torch.no_grad():
         result = evaluate(model, batches, metric=task.metric, circuits=[circuit.in_graph], graph=graph,
-                          max_delta_mb=cfg.max_delta_mb)
+                          max_delta_mb=cfg.max_delta_mb,
+                          on_step=lambda step: say(Progress(stage, min(len(pairs), step.examples), len(pairs))))
+    say(Progress(stage, len(pairs), len(pairs)))
     metric = result.metrics[0]
     return {"model": name, "gated": gated, "edges": circuit.n_edges, "nodes": circuit.n_nodes,
             "total_edges": graph.n_real_edges, "metric": metric, "faithfulness": result.faithfulness(metric),
@@ -175,16 +183,12 @@ def evaluate_circuit_run(cfg: CircuitConfig, path, *, on_progress: Callable | No
     if cfg.compare_base and base_name is None:
         raise ConfigError(f"{cfg.model!r} is a plain model with no base model to compare with; pass --baseline "
                           "MODEL or drop --compare-base")
-    from spartan_cli.progress import Progress
-
-    say(Progress(f"evaluating the circuit of {path} on {cfg.model}", 0, None))
-    model = evaluate_graph(subject.model, subject.tokenizer, circuit, cfg, task=task, name=cfg.model)
+    model = evaluate_graph(subject.model, subject.tokenizer, circuit, cfg, task=task, name=cfg.model, say=say)
     base = None
     if base_name is not None:
         subject, base_model = swap_for_base(subject, base_name, device=device,
                                             trust_remote_code=cfg.trust_remote_code, say=say)
-        say(Progress(f"evaluating the circuit of {path} on {base_name}", 0, None))
-        base = evaluate_graph(base_model, subject.tokenizer, circuit, cfg, task=task, name=base_name)
+        base = evaluate_graph(base_model, subject.tokenizer, circuit, cfg, task=task, name=base_name, say=say)
     return {"task": task.describe(), "circuit": str(path), "model": model, "base": base}
 
 

@@ -47,7 +47,10 @@ def command(source, fmt, out, prompts, data, seq_len, text_field, max_sequences,
     cfg = ExportConfig(source=source, format=fmt, out=out, prompts=tuple(prompts), data=data, seq_len=seq_len,
                        text_field=text_field, max_sequences=max_sequences, batch_size=batch_size, device=device,
                        overwrite=overwrite)
-    result = export(cfg)
+    from spartan_cli.cli.evaluate import StageProgress
+
+    with StageProgress(quiet=quiet) as progress:
+        result = export(cfg, on_progress=progress)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     elif not quiet:
