@@ -51,14 +51,16 @@ ROOT = Path(__file__).resolve().parents[2]
 DEVICE = torch.device("cpu")  # --device cuda: steps under bf16 autocast (as the trainer's dtype auto), CUDA memory
 
 
-def gpt2_small(seed: int = 0, chunk_mb: float | None = None):
-    """``chunk_mb``: the gated attention's tiling threshold (None: the default, attention.CHUNK_MB)."""
+def gpt2_small(seed: int = 0, chunk_mb: float | None = None, positions: int = 1024):
+    """``chunk_mb``: the gated attention's tiling threshold (None: the default, attention.CHUNK_MB);
+    ``positions``: learned positions (GPT-2's 1,024, more for longer sweeps)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from spartan_cli.gating.attention import CHUNK_MB, attach_gates
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # dropout off, as in post-training
+    cfg = GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # dropout off, as in post-training
+                     n_positions=max(1024, positions))
     model = GPT2LMHeadModel(cfg)  # the GPT-2 small shape, random weights
     attach_gates(model, chunk_mb=CHUNK_MB if chunk_mb is None else chunk_mb)  # set_impl picks what runs
     return model.to(DEVICE)
@@ -172,7 +174,7 @@ def _rss_bytes(field: str) -> int:
 
 def memory_worker(impl: str, batch: int, seq: int, chunk_mb: float | None = None) -> dict:
     """In this process: peak resident memory of one training step of ``impl`` (after a warm-up step)."""
-    model = gpt2_small(chunk_mb=chunk_mb)
+    model = gpt2_small(chunk_mb=chunk_mb, positions=seq)
     trainer = Trainer(model)
     ids = batch_ids(batch, seq)
     trainer.step(ids, impl)  # allocates AdamW state; the measured step starts from the resting state
@@ -199,7 +201,7 @@ def memory_worker(impl: str, batch: int, seq: int, chunk_mb: float | None = None
 
 def cuda_memory(impl: str, batch: int, seq: int, chunk_mb: float | None = None) -> dict:
     """On CUDA, in this process: peak allocated memory of one training step (after a warm-up step)."""
-    model = gpt2_small(chunk_mb=chunk_mb)
+    model = gpt2_small(chunk_mb=chunk_mb, positions=seq)
     trainer = Trainer(model)
     ids = batch_ids(batch, seq)
     trainer.step(ids, impl)
@@ -258,7 +260,8 @@ def measure(*, batch: int = 4, seq: int = 256, repeats: int = 3, threads: int = 
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        t = time_steps(gpt2_small(chunk_mb=chunk_mb), batch=batch, seq=seq, repeats=repeats, impls=impls)
+        t = time_steps(gpt2_small(chunk_mb=chunk_mb, positions=seq), batch=batch, seq=seq, repeats=repeats,
+                       impls=impls)
     finally:
         torch.set_num_threads(saved_threads)
     mem = {impl: memory(impl, batch=batch, seq=seq, threads=threads, chunk_mb=chunk_mb) for impl in impls}
