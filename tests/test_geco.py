@@ -147,6 +147,8 @@ def test_annealed_tolerance_narrows_linearly_to_the_target_by_the_settle_phase()
     values = [tolerance_at(k, steps, tol, cfg) for k in range(0, 1000, 50)]
     assert all(a >= b for a, b in zip(values, values[1:]))
     assert tolerance_at(0, steps, tol, GecoConfig()) == tol  # no start: the tolerance from step 0
+    # a start tighter than the tolerance (the shakespeare preset's 0.1 under --tolerance 0.2) never tightens it
+    assert [tolerance_at(k, steps, 0.2, cfg) for k in (0, 400, 999)] == [0.2, 0.2, 0.2]
 
 
 def test_negative_tolerance_start_is_refused():

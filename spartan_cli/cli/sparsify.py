@@ -61,8 +61,8 @@ FLAGS = [
          "of next-token distributions, with a frozen dense copy as teacher (needs --geco-reference batch or "
          "validation) [ce]."),
     Flag("--tolerance-start", "geco", "tolerance_start", click.FloatRange(min=0),
-         "Slack (nats) the constraint starts with, narrowed linearly to --tolerance by the settle phase "
-         "[none: --tolerance from step 0]."),
+         "Slack (nats) the constraint starts with, narrowed linearly to --tolerance by the settle phase; "
+         "ignored when not above --tolerance [none: --tolerance from step 0; shakespeare: 0.1]."),
 ]
 
 

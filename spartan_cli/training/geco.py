@@ -53,8 +53,9 @@ class GecoState:
 
 def tolerance_at(step: int, steps: int, tolerance: float, cfg: GecoConfig) -> float:
     """The constraint's slack at ``step``: ``cfg.tolerance_start`` narrowed linearly to ``tolerance`` by the
-    start of the settle phase, then held; ``tolerance`` throughout when no start is set."""
-    if cfg.tolerance_start is None:
+    start of the settle phase, then held; ``tolerance`` throughout when no start is set, or when the start is
+    tighter than the tolerance (the slack only narrows: a preset's start never tightens a looser --tolerance)."""
+    if cfg.tolerance_start is None or cfg.tolerance_start <= tolerance:
         return tolerance
     end = steps * (1.0 - cfg.settle_fraction)
     frac = min(1.0, step / end) if end > 0 else 1.0
