@@ -127,6 +127,8 @@ def test_gates_forced_open_give_the_base_models_circuit(tmp_path, capsys):
     assert sparse["edges_needed"] == dense["edges_needed"] and report["comparison"]["edge_ratio"] == 1.0
     att = sparse["attention_edges"]
     assert att["all_heads"] == pytest.approx(att["causal"]) == pytest.approx(dense["attention_edges"]["causal"])
+    assert sparse["edge_types"] == dense["edge_types"]  # the same circuit, typed the same way
+    assert sum(sparse["edge_types"]["edges"].values()) == sparse["edges_needed"]
 
 
 def test_files_round_trip_and_the_circuit_is_a_pruned_dag(sparse_ckpt, tmp_path, capsys):

@@ -286,6 +286,9 @@ def test_find_token_circuit_end_to_end_and_files(tmp_path):
     summary = result.summary()
     assert summary["anatomy"]["token_edges"] == result.point.edges
     assert set(summary["anatomy"]["by_metric_position"]) == {"6"}
+    census = summary["edge_types"]  # the circuit's edges, every one typed once
+    assert sum(census["edges"].values()) == result.point.edges
+    assert sum(n for k, n in census["edges"].items() if k.startswith("attention")) == summary["anatomy"]["attention_edges"]
     paths = write_all(result, tmp_path / "out", command="test")
     assert {p.name for p in paths} >= {"circuit.json", "circuit.graphml", "circuit.dot", "curve.csv"}
     back = read_circuit(tmp_path / "out" / "circuit.json")

@@ -15,6 +15,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+from spartan_cli.circuit.census import component_census
 from spartan_cli.circuit.curve import Curve, CurvePoint, SweepChoice
 from spartan_cli.circuit.driver import (CircuitConfig, Found, Level, curve_rows, minimized_point, search,
                                         sweep_summary)
@@ -77,6 +78,7 @@ class CircuitResult(SweepChoice):
             "total_nodes": len(self.graph.source_names) + 1,
             "top_heads": [h.to_dict() for h in self.top_heads],
             "attention_edges": None if self.attention is None else self.attention.to_dict(),
+            "edge_types": component_census(self.graph),
             "timing": dict(self.timing),
             "curve": curve_rows(self),
         }

@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+from spartan_cli.circuit.census import token_census
 from spartan_cli.circuit.curve import Curve, CurvePoint, SweepChoice
 from spartan_cli.circuit.driver import Found, Level, curve_rows, minimized_point, search, sweep_summary
 from spartan_cli.circuit.token_patching import evaluate_tokens, sweep_tokens
@@ -91,6 +92,7 @@ class TokenCircuitResult(SweepChoice):
             "selection": self.curve.selection, "n_examples": self.n_examples, **sweep_summary(self),
             "total_nodes": self.graph.n_nodes_total - self.graph.n_pos + len(self.graph.metric_positions),
             "anatomy": self.anatomy(),
+            "edge_types": token_census(self.graph),
             "timing": dict(self.timing),
             "curve": curve_rows(self),
         }
