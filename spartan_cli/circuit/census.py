@@ -66,13 +66,14 @@ def token_census(graph: TokenGraph) -> dict:
     for e, (f, b, _t) in enumerate(graph.residual_index.tolist()):
         key = "residual " + types[f][b]
         real[key] += 1
-        inside[key] += circuit[e]
+        if circuit[e]:
+            inside[key] += 1
     for a, (layer, _head, kv, i, j) in enumerate(graph.attn_index.tolist()):
         key = f"attention {KV[kv]} {_reach(i - j)}"
         real[key] += 1
         if circuit[R + a]:
             inside[key] += 1
             by_layer[layer] += 1
-    return {"edges": {k: v for k, v in sorted(inside.items()) if v},
+    return {"edges": dict(sorted(inside.items())),
             "total": dict(sorted(real.items())),
             "attention_by_layer": {str(k): v for k, v in sorted(by_layer.items())}}
